@@ -1,0 +1,84 @@
+"""Test sessions: one per distribution in its own virtualenv, plus core-only, lint, typecheck and bench.
+
+Each session installs only the distributions it tests (with their declared
+dependencies), so an undeclared dependency fails the session. Plugin loading
+is strict in every session: a plugin that fails to load fails the run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+nox.options.default_venv_backend = "venv"
+nox.options.reuse_existing_virtualenvs = False
+nox.options.sessions = ["lint", "typecheck", "core_only", "core"]
+
+TEST_TOOLS = ["pytest>=8", "hypothesis>=6.100"]
+STRICT = {"TENSAFE_STRICT_PLUGINS": "1"}
+THIRD_PARTY_PLUGIN = "tests/plugins/tensafe-bigram"
+#: tests/<folder> for each plugin distribution, once it exists in the tree.
+PLUGIN_TESTS = {
+    "tensafe-privacy": "privacy",
+    "tensafe-torch": "torch",
+    "tensafe-tgsp": "tgsp",
+    "tensafe-he-seal": "he_seal",
+}
+PRESENT = [dist for dist in PLUGIN_TESTS if (ROOT / dist / "pyproject.toml").is_file()]
+nox.options.sessions += [f"plugin({dist})" for dist in PRESENT]
+
+CORE_ONLY_TESTS = [
+    "tests/core/test_core_only.py",
+    "tests/core/test_config.py",
+    "tests/core/test_types.py",
+    "tests/core/test_registry.py",
+]
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff lint and format check over the whole tree."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict on tensafe-core."""
+    session.install("mypy>=1.10", "./tensafe-core[testing]")
+    session.run("mypy")
+
+
+@nox.session
+def core_only(session: nox.Session) -> None:
+    """tensafe-core alone: no plugin distribution installed."""
+    session.install("./tensafe-core[testing]")
+    session.run("pytest", *CORE_ONLY_TESTS, *session.posargs, env=STRICT)
+
+
+@nox.session
+def core(session: nox.Session) -> None:
+    """tensafe-core with the third-party-style plugin from tests/plugins."""
+    session.install("./tensafe-core[testing]", f"./{THIRD_PARTY_PLUGIN}")
+    session.run("pytest", "tests/core", *session.posargs, env=STRICT)
+
+
+@nox.session
+@nox.parametrize("dist", PRESENT or ["none"])
+def plugin(session: nox.Session, dist: str) -> None:
+    """One plugin distribution with tensafe-core, in its own virtualenv."""
+    if dist == "none":
+        session.skip("no plugin distribution in the tree yet")
+    session.install("./tensafe-core[testing]", f"./{dist}", *TEST_TOOLS)
+    session.run("pytest", f"tests/{PLUGIN_TESTS[dist]}", *session.posargs, env=STRICT)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks (not run by default): each prints ratios against a baseline run in the same process."""
+    session.install("./tensafe-core", f"./{THIRD_PARTY_PLUGIN}", *[f"./{d}" for d in PRESENT])
+    for script in sorted((ROOT / "benchmarks").glob("*.py")):
+        session.run("python", str(script.relative_to(ROOT)), env=STRICT)

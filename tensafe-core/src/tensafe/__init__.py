@@ -1,0 +1,16 @@
+"""TenSafe: private LoRA fine-tuning with exact privacy accounting, signed and
+encrypted adapter packages, and homomorphically encrypted adapter inference.
+
+This package is the core: the plugin contracts (:mod:`tensafe.hookspecs`,
+:mod:`tensafe.interfaces`), configuration, the orchestrator and the CLI.
+Importing it is cheap and never imports torch.
+"""
+
+from __future__ import annotations
+
+from tensafe.errors import TensafeError
+from tensafe.hookspecs import hookimpl
+
+__version__ = "0.1.0"
+
+__all__ = ["TensafeError", "__version__", "hookimpl"]

@@ -1,0 +1,15 @@
+"""TenSafe core's own plugin: built-ins go through the same path as everyone's."""
+
+from __future__ import annotations
+
+from tensafe.hookspecs import Register, hookimpl
+
+
+@hookimpl
+def tensafe_register_commands(register: Register) -> None:
+    def config_group() -> object:
+        from tensafe.cli.config_cmd import config
+
+        return config
+
+    register("config", config_group)

@@ -1,0 +1,26 @@
+"""Optional features an implementation can declare in its ``capabilities`` set.
+
+The orchestrator refuses work that needs a capability the backend lacks (for
+example a DP run on a backend without ``dp_sgd``) instead of quietly doing
+something weaker, and the conformance suite tests every declared capability.
+"""
+
+from __future__ import annotations
+
+#: The backend implements DP-SGD: per-sample clipping and calibrated Gaussian noise.
+DP_SGD = "dp_sgd"
+#: ``SamplingParams.seed`` makes sampling reproducible.
+SEEDED_SAMPLING = "seeded_sampling"
+#: The backend implements the ``importance_sampling`` and ``ppo`` losses.
+POLICY_LOSSES = "policy_losses"
+
+KNOWN: dict[str, str] = {
+    DP_SGD: "per-sample gradient clipping and Gaussian noise (DP-SGD)",
+    SEEDED_SAMPLING: "reproducible sampling from SamplingParams.seed",
+    POLICY_LOSSES: "the importance_sampling and ppo losses",
+}
+
+
+def has(obj: object, capability: str) -> bool:
+    """Whether ``obj`` declares ``capability``."""
+    return capability in getattr(obj, "capabilities", frozenset())

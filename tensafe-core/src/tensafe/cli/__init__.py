@@ -1,0 +1,1 @@
+"""The ``tensafe`` command line."""

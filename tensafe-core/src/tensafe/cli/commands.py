@@ -1,0 +1,297 @@
+"""The core commands: plugins, run, train, inference, serve."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from tensafe.cli.context import plugin_manager
+from tensafe.errors import TensafeError
+from tensafe.hookspecs import hookimpl
+
+CONFIG_ARG = click.argument("config_file", metavar="[CONFIG]", required=False, type=click.Path(path_type=Path))
+
+
+def _load(config_file: Path | None, **overrides: Any) -> Any:
+    from tensafe.config import build_config, load_config
+
+    config = load_config(config_file)
+    data = config.model_dump()
+    changed = False
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+        changed = True
+    return build_config(data, source="command-line options", environ={}) if changed else config
+
+
+def _emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+# -- plugins ------------------------------------------------------------------
+
+
+def plugin_listing(pm: Any, *, include_builtin: bool = False, hook: str | None = None) -> list[dict[str, Any]]:
+    """What ``tensafe plugins`` prints: loaded plugins, then those that failed to load."""
+    from tensafe.registry import KINDS
+
+    provides: dict[str, dict[str, list[str]]] = {}
+    problems: list[str] = []
+    for kind in KINDS:
+        try:
+            for reg in pm.registry.registrations(kind):
+                provides.setdefault(reg.plugin, {}).setdefault(kind, []).append(reg.name)
+        except TensafeError as exc:
+            problems.append(str(exc))
+    rows: list[dict[str, Any]] = []
+    for name, plugin in sorted(pm.list_name_plugin(), key=lambda item: item[0]):
+        if plugin is None or (name in pm.builtin_names and not include_builtin):
+            continue
+        hooks = sorted(caller.name for caller in pm.get_hookcallers(plugin) or [])
+        if hook is not None and hook not in hooks:
+            continue
+        distribution, version = pm.distribution_of(name)
+        rows.append(
+            {
+                "name": name,
+                "distribution": distribution,
+                "version": version,
+                "hooks": hooks,
+                "provides": provides.get(name, {}),
+                "error": None,
+            }
+        )
+    for failure in pm.load_failures:
+        if hook is None:
+            rows.append({**failure.to_dict(), "hooks": [], "provides": {}})
+    for problem in problems:
+        rows.append(
+            {"name": None, "distribution": None, "version": None, "hooks": [], "provides": {}, "error": problem}
+        )
+    return rows
+
+
+@click.command("plugins")
+@click.option("--all", "include_builtin", is_flag=True, help="Include TenSafe core's built-in plugin.")
+@click.option("--hook", metavar="NAME", help="Only plugins implementing this hook.")
+@click.pass_context
+def plugins_cmd(ctx: click.Context, include_builtin: bool, hook: str | None) -> None:
+    """List installed plugins as JSON: name, distribution, version, hooks,
+    what each provides, and the error of any plugin that failed to load.
+
+    \b
+    Switches (environment):
+      TENSAFE_LOAD_PLUGINS=a,b          load only these entry points
+      TENSAFE_DISABLE_PLUGIN_AUTOLOAD=1 load no entry points
+      TENSAFE_STRICT_PLUGINS=1          any load failure is fatal
+      TENSAFE_TRACE_PLUGINS=1           trace every hook call to stderr
+    """
+    _emit_json(plugin_listing(plugin_manager(ctx), include_builtin=include_builtin, hook=hook))
+
+
+# -- training -----------------------------------------------------------------
+
+
+class _ProgressReporter:
+    """Draws the progress bar by observing steps through the lifecycle hooks."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+        self.last: dict[str, float] = {}
+
+    @hookimpl
+    def tensafe_report_step(self, step: int, metrics: dict[str, float]) -> None:
+        self.last = metrics
+        if self.bar is not None:
+            self.bar.update(1)
+
+
+def _describe(metrics: dict[str, float]) -> str:
+    parts = []
+    if "loss" in metrics:
+        parts.append(f"loss {metrics['loss']:.3f}")
+    if "epsilon" in metrics:
+        parts.append(f"eps {metrics['epsilon']:.3f}")
+    return "  ".join(parts)
+
+
+def _train(ctx: click.Context, config_file: Path | None, *, evaluate: bool, as_json: bool, **overrides: Any) -> None:
+    from tensafe.orchestrator import TenSafeOrchestrator, render_report
+
+    config = _load(config_file, **overrides)
+    pm = plugin_manager(ctx)
+    orchestrator = TenSafeOrchestrator(config, plugin_manager=pm)
+    prepared = orchestrator.prepare()
+    reporter = _ProgressReporter()
+    progress: Any = click.progressbar(
+        length=config.training.steps,
+        label="training",
+        file=sys.stderr,
+        show_pos=True,
+        item_show_func=lambda _: _describe(reporter.last),
+    )
+    with progress as bar:
+        reporter.bar = bar
+        pm.register(reporter)
+        try:
+            report = orchestrator.run(evaluate=evaluate, prepared=prepared)
+        finally:
+            pm.unregister(reporter)
+    if as_json:
+        _emit_json(report)
+    else:
+        click.echo(render_report(report), nl=False)
+        click.echo(f"  report: {Path(report['run_dir']) / 'report.json'}")
+
+
+def _training_options(func: Any) -> Any:
+    func = click.option("--json", "as_json", is_flag=True, help="Print the run report as JSON.")(func)
+    func = click.option("--run-name", help="Name of the run directory (default: timestamped).")(func)
+    func = click.option("--output-dir", type=click.Path(path_type=Path), help="Where run directories go.")(func)
+    func = click.option("--steps", type=int, help="Optimizer steps (overrides training.steps).")(func)
+    return CONFIG_ARG(func)
+
+
+@click.command("run")
+@_training_options
+@click.pass_context
+def run_cmd(
+    ctx: click.Context,
+    config_file: Path | None,
+    steps: int | None,
+    output_dir: Path | None,
+    run_name: str | None,
+    as_json: bool,
+) -> None:
+    """Run the whole pipeline: train a LoRA adapter with DP-SGD, measure held-out
+    loss and sample completions before and after, and write the adapter and a
+    report to a run directory.
+
+    With no CONFIG, trains the ML backend's embedded tiny model on its embedded
+    dataset (no network). CONFIG is a YAML, TOML or JSON file; see
+    `tensafe config show` for every setting.
+    """
+    _train(
+        ctx,
+        config_file,
+        evaluate=True,
+        as_json=as_json,
+        **{"training.steps": steps, "output_dir": output_dir, "run_name": run_name},
+    )
+
+
+@click.command("train")
+@_training_options
+@click.pass_context
+def train_cmd(
+    ctx: click.Context,
+    config_file: Path | None,
+    steps: int | None,
+    output_dir: Path | None,
+    run_name: str | None,
+    as_json: bool,
+) -> None:
+    """Train only: DP-SGD on Poisson-sampled batches, then write the adapter,
+    the training state and the report (no before/after evaluation)."""
+    _train(
+        ctx,
+        config_file,
+        evaluate=False,
+        as_json=as_json,
+        **{"training.steps": steps, "output_dir": output_dir, "run_name": run_name},
+    )
+
+
+# -- inference ----------------------------------------------------------------
+
+
+@click.command("inference")
+@CONFIG_ARG
+@click.option("-p", "--prompt", "prompts", multiple=True, required=True, help="Prompt text (repeatable).")
+@click.option("--adapter", type=click.Path(path_type=Path), help="Adapter directory written by a run.")
+@click.option("--max-tokens", type=int, help="Most tokens to generate.")
+@click.option("--temperature", type=float, help="0 = greedy.")
+@click.option("--top-p", type=float, help="Nucleus sampling mass.")
+@click.option("--top-k", type=int, help="Keep the k most likely tokens (-1 = all).")
+@click.option("--seed", type=int, help="Seed for reproducible sampling.")
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option(
+    "-n", "--num-samples", default=1, show_default=True, type=click.IntRange(1, 64), help="Samples per prompt."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print tokens, logprobs and stop reasons as JSON.")
+@click.pass_context
+def inference_cmd(
+    ctx: click.Context,
+    config_file: Path | None,
+    prompts: tuple[str, ...],
+    adapter: Path | None,
+    max_tokens: int | None,
+    temperature: float | None,
+    top_p: float | None,
+    top_k: int | None,
+    seed: int | None,
+    stop: tuple[str, ...],
+    num_samples: int,
+    as_json: bool,
+) -> None:
+    """Generate text from a base model, with or without a trained adapter.
+
+    The model and backend come from CONFIG (default: the embedded model).
+    """
+    from tensafe.orchestrator import TenSafeOrchestrator
+
+    config = _load(
+        config_file,
+        **{
+            "sampling.max_tokens": max_tokens,
+            "sampling.temperature": temperature,
+            "sampling.top_p": top_p,
+            "sampling.top_k": top_k,
+            "sampling.seed": seed,
+            "sampling.stop": list(stop) or None,
+        },
+    )
+    orchestrator = TenSafeOrchestrator(config, plugin_manager=plugin_manager(ctx))
+    responses = orchestrator.generate(list(prompts), adapter=adapter, num_samples=num_samples)
+    if as_json:
+        _emit_json([r.model_dump() for r in responses])
+        return
+    for prompt, response in zip(prompts, responses, strict=True):
+        for seq in response.sequences:
+            click.echo(f"{prompt}{seq.text}")
+            click.echo(f"  [{len(seq.tokens)} tokens, stop: {seq.stop_reason}]", err=True)
+
+
+# -- serving ------------------------------------------------------------------
+
+
+@click.command("serve")
+@CONFIG_ARG
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8700, show_default=True, type=int, help="Port to listen on.")
+@click.pass_context
+def serve_cmd(ctx: click.Context, config_file: Path | None, host: str, port: int) -> None:
+    """Serve the training and inference HTTP API (/api/v1/training, /api/v1/inference).
+
+    Needs an ML backend (tensafe-torch) and the server extra (tensafe-core[server]).
+    """
+    from tensafe.errors import MissingDependencyError
+
+    config = _load(config_file)
+    plugin_manager(ctx).registry.registration("ml_backend", config.backend)
+    raise MissingDependencyError(
+        "the HTTP server is not included in this tensafe-core release; use the CLI or the Python API"
+    )
+
+
+CORE_COMMANDS = (plugins_cmd, run_cmd, train_cmd, inference_cmd, serve_cmd)

@@ -1,0 +1,243 @@
+"""Configuration: one pydantic model per concept, composed into :class:`RunConfig`.
+
+Every model forbids unknown fields, so a typo is an error naming the field.
+Configs load from YAML, TOML or JSON (:func:`load_config`), and any field can be
+overridden from the environment: ``TENSAFE_CONFIG__DP__NOISE_MULTIPLIER=1.2``
+sets ``dp.noise_multiplier`` (values are parsed as JSON when they parse, else
+taken as strings).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tensafe.errors import ConfigError
+from tensafe.types import AdamParams, SamplingParams
+
+ENV_PREFIX = "TENSAFE_CONFIG__"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """Which base model to load, and how."""
+
+    path: str | None = Field(
+        None,
+        description="Local directory or hub id of a causal LM; None = the ML backend's embedded default model.",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights' dtype.")
+    device: str = Field("cpu", description="'cpu', 'cuda', 'cuda:N' or 'auto'.")
+    max_seq_len: int = Field(256, ge=2, description="Longest training sequence in tokens; longer ones are cut.")
+
+
+class LoraConfig(_Section):
+    """The LoRA adapter that is trained; only its parameters change."""
+
+    rank: int = Field(8, ge=1, le=1024, description="Adapter rank r.")
+    alpha: float | None = Field(None, gt=0, description="Scaling numerator; None = 2 * rank.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: list[str] | None = Field(
+        None, description="Module names to adapt; None = chosen from train_attn / train_mlp / train_unembed."
+    )
+    train_attn: bool = Field(True, description="Adapt attention projections.")
+    train_mlp: bool = Field(True, description="Adapt MLP projections.")
+    train_unembed: bool = Field(False, description="Adapt the output projection (lm_head).")
+    seed: int | None = Field(None, description="Seed for the adapter's initialisation.")
+
+    @property
+    def scaling_alpha(self) -> float:
+        return self.alpha if self.alpha is not None else 2.0 * self.rank
+
+
+class DPConfig(_Section):
+    """Differential privacy for training (DP-SGD)."""
+
+    enabled: bool = Field(True, description="Train with DP-SGD. Turning this off voids every privacy claim.")
+    target_epsilon: float | None = Field(
+        8.0,
+        gt=0,
+        description="Privacy budget; no step may take the run past it. None = no budget (needs a noise multiplier).",
+    )
+    target_delta: float | None = Field(
+        None, gt=0, lt=1, description="delta of (epsilon, delta)-DP; None = 1 / (10 * dataset size)."
+    )
+    noise_multiplier: float | None = Field(
+        None,
+        gt=0,
+        description="Noise std / clipping norm; None = calibrated to reach target_epsilon at the planned steps.",
+    )
+    max_grad_norm: float = Field(1.0, gt=0, description="Per-sample gradient clipping norm C.")
+    accountant: str = Field("rdp", description="Registered privacy accountant: 'rdp' or 'pld' (tensafe-privacy).")
+    warn_fraction: float = Field(
+        0.8, gt=0, le=1, description="Report a warning once this share of the budget is spent."
+    )
+    secure_rng: bool = Field(
+        True, description="Draw noise from the OS CSPRNG; False uses the run seed (reproducible, not private)."
+    )
+
+    @model_validator(mode="after")
+    def _budget_or_noise(self) -> DPConfig:
+        if self.enabled and self.target_epsilon is None and self.noise_multiplier is None:
+            raise ValueError("set target_epsilon, noise_multiplier, or both")
+        return self
+
+
+class TrainingConfig(_Section):
+    """How long and on what batches to train."""
+
+    steps: int = Field(100, ge=1, description="Optimizer steps to take.")
+    batch_size: int = Field(
+        16, ge=1, description="Expected logical batch size (Poisson sampling rate = batch_size / records)."
+    )
+    micro_batch_size: int = Field(8, ge=1, description="Physical batch size; bounds memory at large logical batches.")
+    eval_every: int = Field(0, ge=0, description="Report held-out loss every N steps (0 = only before and after).")
+    seed: int | None = Field(0, description="Seed for sampling of batches and generation; None = fresh randomness.")
+
+
+class DataConfig(_Section):
+    """The training data: JSONL records of {prompt, completion} or {text}."""
+
+    path: Path | None = Field(None, description="JSONL file; None = the ML backend's embedded default dataset.")
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of records held out for evaluation.")
+    max_records: int | None = Field(None, ge=1, description="Use at most this many records.")
+
+
+class HEConfig(_Section):
+    """Homomorphic encryption of the adapter's arithmetic at inference."""
+
+    backend: str = Field("seal-ckks", description="Registered HE backend (tensafe-he-seal provides 'seal-ckks').")
+    poly_modulus_degree: int = Field(8192, description="Ring dimension N.")
+    coeff_mod_bit_sizes: list[int] = Field([60, 40, 40, 60], description="Coefficient modulus primes, in bits.")
+    scale_bits: int = Field(40, ge=20, le=60, description="log2 of the CKKS scale.")
+
+
+class TGSPConfig(_Section):
+    """Signed, encrypted adapter packages."""
+
+    loader: str = Field("tgsp", description="Registered TGSP loader (tensafe-tgsp provides 'tgsp').")
+    output: Path | None = Field(None, description="Write the trained adapter as this .tgsp package.")
+    signing_key: Path | None = Field(None, description="Producer's private signing key.")
+    recipients: list[Path] = Field(default_factory=list, description="Recipients' public keys.")
+    trusted_signers: list[Path] = Field(default_factory=list, description="Signers whose packages may be loaded.")
+
+
+class RunConfig(_Section):
+    """A whole run: what `tensafe run` and `tensafe train` execute."""
+
+    backend: str = Field("torch", description="Registered ML backend (tensafe-torch provides 'torch').")
+    run_name: str | None = Field(None, description="Name of the run directory; None = a timestamped name.")
+    output_dir: Path = Field(Path("tensafe-runs"), description="Where run directories are created.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    dp: DPConfig = Field(default_factory=DPConfig)
+    optimizer: AdamParams = Field(default_factory=lambda: AdamParams(learning_rate=5e-3))
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    sampling: SamplingParams = Field(default_factory=lambda: SamplingParams(max_tokens=48, temperature=0.0))
+    he: HEConfig | None = Field(None, description="Set to run inference with the adapter under HE.")
+    tgsp: TGSPConfig | None = Field(None, description="Set to package the adapter as TGSP.")
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        elif suffix == ".toml":
+            data = tomllib.loads(text)
+        elif suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError(f"{path}: unknown config format {suffix!r}; use .yaml, .yml, .toml or .json")
+    except ConfigError:
+        raise
+    except Exception as exc:  # each parser has its own error type; all mean "not parseable"
+        raise ConfigError(f"{path}: cannot parse: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, not {type(data).__name__}")
+    return data
+
+
+def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Nested overrides from ``TENSAFE_CONFIG__SECTION__FIELD=value`` variables."""
+    environ = os.environ if environ is None else environ
+    result: dict[str, Any] = {}
+    for key, raw in sorted(environ.items()):
+        if not key.startswith(ENV_PREFIX):
+            continue
+        parts = [p.lower() for p in key[len(ENV_PREFIX) :].split("__") if p]
+        if not parts:
+            continue
+        try:
+            value: Any = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = result
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{key}: conflicts with another override of {part!r}")
+            node = child
+        node[parts[-1]] = value
+    return result
+
+
+def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def validation_problems(exc: ValidationError) -> list[tuple[str, str]]:
+    """``(dotted field path, message)`` for each error pydantic reports."""
+    return [(".".join(str(p) for p in err["loc"]) or "(top level)", err["msg"]) for err in exc.errors()]
+
+
+def build_config(
+    data: Mapping[str, Any], *, source: str = "config", environ: Mapping[str, str] | None = None
+) -> RunConfig:
+    """Validate ``data`` (with environment overrides applied) into a :class:`RunConfig`."""
+    merged = _merge(dict(data), env_overrides(environ))
+    try:
+        return RunConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(f"{source} is invalid:", validation_problems(exc)) from None
+
+
+def load_config(path: str | Path | None = None, *, environ: Mapping[str, str] | None = None) -> RunConfig:
+    """Load a run config from a YAML/TOML/JSON file (or defaults when ``path`` is None).
+
+    Relative data and output paths are resolved against the config file's folder.
+    """
+    if path is None:
+        return build_config({}, source="default config", environ=environ)
+    file = Path(path)
+    data = _read_file(file)
+    config = build_config(data, source=str(file), environ=environ)
+    base = file.resolve().parent
+    if config.data.path is not None and not config.data.path.is_absolute():
+        config.data.path = base / config.data.path
+    if "output_dir" in data and not config.output_dir.is_absolute():
+        config.output_dir = base / config.output_dir
+    return config

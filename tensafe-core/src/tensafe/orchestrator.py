@@ -1,0 +1,339 @@
+"""The orchestrator: the one place that turns a configuration into work.
+
+The CLI, the SDK and the HTTP server all call it. It resolves backends from the
+registry (never falling back to something weaker), samples batches with Poisson
+sampling, charges the privacy accountant for every optimizer step and refuses a
+step that would exceed the budget, drives the lifecycle hooks, and writes the
+run's artifacts and report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tensafe import capabilities
+from tensafe.audit import AuditEvent
+from tensafe.config import RunConfig
+from tensafe.data import PoissonSampler, Record, load_records, split_records, tokenize_record
+from tensafe.errors import PrivacyBudgetExceeded, StepVetoed, UsageError
+from tensafe.plugins import TensafePluginManager, create_plugin_manager
+
+if TYPE_CHECKING:
+    from tensafe.interfaces import MLBackend, PrivacyAccountant
+    from tensafe.registry import Registry
+    from tensafe.types import Datum, SampleResponse, SamplingParams
+
+EVAL_SAMPLES = 3
+
+
+@dataclass
+class PrivacyLedger:
+    """The run's privacy spend: an accountant plus the parameters it is charged with."""
+
+    accountant_name: str
+    accountant: PrivacyAccountant
+    sampling_rate: float
+    noise_multiplier: float
+    delta: float
+    target_epsilon: float | None
+    warn_fraction: float
+    warned: bool = False
+
+    def epsilon(self) -> float:
+        return self.accountant.get_epsilon(self.delta)
+
+    def epsilon_after_next_step(self) -> float:
+        """Epsilon the run would reach after one more step, computed on a copy."""
+        trial = type(self.accountant)()
+        trial.load_state(self.accountant.state())
+        trial.compose_step(self.sampling_rate, self.noise_multiplier)
+        return trial.get_epsilon(self.delta)
+
+    def certificate(self) -> dict[str, Any]:
+        return {
+            "accountant": self.accountant_name,
+            "epsilon": self.epsilon(),
+            "delta": self.delta,
+            "target_epsilon": self.target_epsilon,
+            "steps": self.accountant.steps,
+            "sampling_rate": self.sampling_rate,
+            "noise_multiplier": self.noise_multiplier,
+            "neighbouring_relation": "add_or_remove_one",
+        }
+
+
+@dataclass
+class TrainingRun:
+    """A live training run: backend, data, privacy ledger and step counter."""
+
+    run_id: str
+    config: RunConfig
+    backend: MLBackend
+    train_data: list[Datum]
+    eval_data: list[Datum]
+    eval_records: list[Record]
+    sampler: PoissonSampler
+    privacy: PrivacyLedger | None
+    step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+class TenSafeOrchestrator:
+    """Resolves backends for a :class:`RunConfig` and runs the work it describes."""
+
+    def __init__(self, config: RunConfig | None = None, *, plugin_manager: TensafePluginManager | None = None) -> None:
+        self.config = config if config is not None else RunConfig()
+        self.pm = plugin_manager if plugin_manager is not None else create_plugin_manager()
+
+    @property
+    def registry(self) -> Registry:
+        return self.pm.registry
+
+    # -- events ---------------------------------------------------------------
+
+    def audit(self, operation: str, subject: str, **details: Any) -> None:
+        self.pm.hook.tensafe_record_audit(event=AuditEvent(operation, subject, details))
+
+    # -- training -------------------------------------------------------------
+
+    def _records(self, backend: MLBackend) -> list[Record]:
+        path = self.config.data.path or backend.default_dataset()
+        if path is None:
+            raise UsageError(f"no dataset configured and ML backend {self.config.backend!r} ships none; set data.path")
+        return load_records(Path(path), max_records=self.config.data.max_records)
+
+    def _privacy(self, n_train: int) -> PrivacyLedger | None:
+        dp, training = self.config.dp, self.config.training
+        if not dp.enabled:
+            return None
+        accountant = self.registry.accountant(dp.accountant)
+        sampling_rate = min(1.0, training.batch_size / n_train)
+        delta = dp.target_delta if dp.target_delta is not None else 1.0 / (10 * n_train)
+        if delta >= 1.0 / n_train:
+            raise UsageError(f"dp.target_delta {delta:g} must be below 1 / records ({1.0 / n_train:g})")
+        sigma = dp.noise_multiplier
+        if sigma is None:
+            assert dp.target_epsilon is not None  # guaranteed by DPConfig
+            sigma = accountant.calibrate_noise_multiplier(dp.target_epsilon, delta, sampling_rate, training.steps)
+        return PrivacyLedger(
+            dp.accountant, accountant, sampling_rate, sigma, delta, dp.target_epsilon, dp.warn_fraction
+        )
+
+    def prepare(self) -> TrainingRun:
+        """Resolve backends, load and split data, calibrate noise, load the model."""
+        cfg = self.config
+        backend = self.registry.ml_backend(cfg.backend)
+        if cfg.dp.enabled and not capabilities.has(backend, capabilities.DP_SGD):
+            raise UsageError(
+                f"ML backend {cfg.backend!r} does not implement DP-SGD; use a backend that does, "
+                "or set dp.enabled: false (and give up every privacy claim)"
+            )
+        train_records, eval_records = split_records(self._records(backend), cfg.data.eval_fraction)
+        privacy = self._privacy(len(train_records))
+        if privacy is not None and cfg.dp.noise_multiplier is None:
+            cfg = cfg.model_copy(
+                update={"dp": cfg.dp.model_copy(update={"noise_multiplier": privacy.noise_multiplier})}
+            )
+            self.config = cfg
+        info = backend.initialize_model(cfg)
+
+        def tokenize(records: Sequence[Record]) -> list[Datum]:
+            return [tokenize_record(r, backend.encode, info.eos_token_id, cfg.model.max_seq_len) for r in records]
+
+        secure = privacy is not None and cfg.dp.secure_rng
+        rng = random.SystemRandom() if secure or cfg.training.seed is None else random.Random(cfg.training.seed)
+        sampling_rate = privacy.sampling_rate if privacy else min(1.0, cfg.training.batch_size / len(train_records))
+        return TrainingRun(
+            run_id=uuid.uuid4().hex[:12],
+            config=cfg,
+            backend=backend,
+            train_data=tokenize(train_records),
+            eval_data=tokenize(eval_records),
+            eval_records=eval_records,
+            sampler=PoissonSampler(len(train_records), sampling_rate, rng),
+            privacy=privacy,
+        )
+
+    def held_out_loss(self, run: TrainingRun) -> float | None:
+        """Mean cross-entropy per weighted token on the held-out records."""
+        if not run.eval_data:
+            return None
+        total, tokens = 0.0, 0.0
+        size = run.config.training.micro_batch_size
+        for start in range(0, len(run.eval_data), size):
+            out = run.backend.forward(run.eval_data[start : start + size], "cross_entropy")
+            total += out.metrics["loss:sum"]
+            tokens += sum(sum(d.values("weights", 1.0)) for d in run.eval_data[start : start + size])
+        return total / tokens if tokens else None
+
+    def train_step(self, run: TrainingRun) -> dict[str, float]:
+        """One optimizer step on a Poisson-sampled batch, within the privacy budget."""
+        cfg = run.config
+        indices = run.sampler.sample()
+        next_step = run.step + 1
+        reasons = [
+            r
+            for r in self.pm.hook.tensafe_approve_step(run_id=run.run_id, step=next_step, batch_size=len(indices))
+            if r
+        ]
+        if reasons:
+            raise StepVetoed(next_step, reasons)
+        if run.privacy is not None and run.privacy.target_epsilon is not None:
+            would_be = run.privacy.epsilon_after_next_step()
+            if would_be > run.privacy.target_epsilon:
+                raise PrivacyBudgetExceeded(
+                    epsilon=run.privacy.epsilon(),
+                    delta=run.privacy.delta,
+                    steps=run.step,
+                    target_epsilon=run.privacy.target_epsilon,
+                    would_be=would_be,
+                )
+        batch = [run.train_data[i] for i in indices]
+        loss_sum, tokens = 0.0, 0.0
+        size = cfg.training.micro_batch_size
+        for start in range(0, len(batch), size):
+            micro = batch[start : start + size]
+            out = run.backend.forward_backward(micro, "cross_entropy")
+            loss_sum += out.metrics["loss:sum"]
+            tokens += sum(sum(d.values("weights", 1.0)) for d in micro)
+        result = run.backend.optim_step(cfg.optimizer)
+        run.step = result.step
+        metrics: dict[str, float] = {"batch_size": float(len(batch)), "loss": loss_sum / tokens if tokens else math.nan}
+        metrics.update({k: v for k, v in result.metrics.items() if k not in metrics})
+        if run.privacy is not None:
+            run.privacy.accountant.compose_step(run.privacy.sampling_rate, run.privacy.noise_multiplier)
+            metrics["epsilon"] = run.privacy.epsilon()
+        run.history.append({"step": float(run.step), **metrics})
+        self.pm.hook.tensafe_report_step(run_id=run.run_id, step=run.step, metrics=dict(metrics))
+        self.audit("train.step", run.run_id, step=run.step, **metrics)
+        return metrics
+
+    def sample_text(
+        self, backend: MLBackend, prompts: Sequence[str], sampling: SamplingParams, num_samples: int = 1
+    ) -> list[SampleResponse]:
+        """Generate from text prompts with the backend's current adapter."""
+        if not prompts:
+            raise UsageError("no prompts given")
+        return backend.sample([backend.encode(p) for p in prompts], sampling, num_samples)
+
+    def _eval_prompts(self, run: TrainingRun) -> list[str]:
+        return [r.prompt for r in run.eval_records[:EVAL_SAMPLES] if r.prompt]
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        adapter: Path | None = None,
+        sampling: SamplingParams | None = None,
+        num_samples: int = 1,
+    ) -> list[SampleResponse]:
+        """Generate from the configured base model, with ``adapter`` (a directory) if given."""
+        backend = self.registry.ml_backend(self.config.backend)
+        backend.initialize_model(self.config)
+        if adapter is not None:
+            if not Path(adapter).is_dir():
+                raise UsageError(f"adapter directory not found: {adapter}")
+            backend.load_adapter(Path(adapter))
+        self.audit("inference.generate", self.config.backend, prompts=len(prompts), adapter=str(adapter or ""))
+        return self.sample_text(backend, prompts, sampling or self.config.sampling, num_samples)
+
+    def run(
+        self, *, run_dir: Path | None = None, evaluate: bool = True, prepared: TrainingRun | None = None
+    ) -> dict[str, Any]:
+        """Train, export the adapter and state, and write the report.
+
+        With ``evaluate`` (``tensafe run``), also measure held-out loss and sample
+        completions before and after training; without it (``tensafe train``),
+        only train. ``prepared`` is a run from :meth:`prepare`, if already made.
+        """
+        started = time.time()
+        run = prepared if prepared is not None else self.prepare()
+        cfg = run.config
+        run_dir = run_dir or cfg.output_dir / (cfg.run_name or time.strftime("run-%Y%m%d-%H%M%S-") + run.run_id[:6])
+        run_dir.mkdir(parents=True, exist_ok=True)
+        report: dict[str, Any] = {"run_id": run.run_id, "status": "failed", "run_dir": str(run_dir)}
+        self.pm.hook.tensafe_start_run(run_id=run.run_id, config=run.config)
+        self.audit("run.start", run.run_id, backend=cfg.backend, steps=cfg.training.steps)
+        try:
+            prompts = self._eval_prompts(run) if evaluate else []
+            before = self.held_out_loss(run) if evaluate else None
+            samples_before = self.sample_text(run.backend, prompts, cfg.sampling) if prompts else []
+            for _ in range(cfg.training.steps):
+                self.train_step(run)
+                if cfg.training.eval_every and run.step % cfg.training.eval_every == 0:
+                    run.history[-1]["held_out_loss"] = self.held_out_loss(run) or math.nan
+            after = self.held_out_loss(run) if evaluate else None
+            samples_after = self.sample_text(run.backend, prompts, cfg.sampling) if prompts else []
+            files = run.backend.export_adapter(run_dir / "adapter")
+            state_path = run_dir / "state.bin"
+            state_path.write_bytes(run.backend.save_state())
+            report.update(
+                status="completed",
+                backend=cfg.backend,
+                model=cfg.model.path or "embedded default",
+                data=str(cfg.data.path or run.backend.default_dataset()),
+                records={"train": len(run.train_data), "eval": len(run.eval_data)},
+                steps=run.step,
+                held_out_loss={"before": before, "after": after} if evaluate else None,
+                privacy=run.privacy.certificate() if run.privacy else None,
+                history=run.history,
+                samples=[
+                    {"prompt": p, "before": b.sequences[0].text, "after": a.sequences[0].text}
+                    for p, b, a in zip(prompts, samples_before, samples_after, strict=True)
+                ],
+                adapter_files=[str(f) for f in files],
+                state_file=str(state_path),
+                config=json.loads(run.config.model_dump_json()),
+                seconds=round(time.time() - started, 2),
+            )
+            self.audit("artifact.write", str(run_dir), files=[str(f) for f in files])
+            return report
+        except Exception as exc:
+            report["error"] = str(exc)
+            report["steps"] = run.step
+            report["privacy"] = run.privacy.certificate() if run.privacy else None
+            report["history"] = run.history
+            raise
+        finally:
+            (run_dir / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+            (run_dir / "report.txt").write_text(render_report(report), encoding="utf-8")
+            self.pm.hook.tensafe_finish_run(run_id=run.run_id, report=report)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def render_report(report: dict[str, Any]) -> str:
+    """A readable summary of a run report."""
+    lines = [f"TenSafe run {report['run_id']}: {report['status']}"]
+    if "error" in report:
+        lines.append(f"  error: {report['error']}")
+    for key in ("backend", "model", "data", "records", "steps", "seconds"):
+        if key in report:
+            lines.append(f"  {key}: {_fmt(report[key])}")
+    loss = report.get("held_out_loss")
+    if loss:
+        lines.append(f"  held-out loss: {_fmt(loss['before'])} -> {_fmt(loss['after'])}")
+    privacy = report.get("privacy")
+    if privacy:
+        lines.append(
+            f"  privacy: epsilon {privacy['epsilon']:.4f} at delta {privacy['delta']:.3g} "
+            f"({privacy['accountant']} accountant, {privacy['steps']} steps, q={privacy['sampling_rate']:.4g}, "
+            f"sigma={privacy['noise_multiplier']:.4g})"
+        )
+    elif report.get("status") == "completed":
+        lines.append("  privacy: NONE (trained without differential privacy)")
+    for sample in report.get("samples", []):
+        lines.append(f"  prompt: {sample['prompt']!r}")
+        lines.append(f"    before: {sample['before']!r}")
+        lines.append(f"    after:  {sample['after']!r}")
+    return "\n".join(lines) + "\n"

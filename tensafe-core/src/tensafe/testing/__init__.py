@@ -1,0 +1,28 @@
+"""TenSafe's conformance suite: test mixins that any plugin's tests subclass.
+
+A plugin proves it honours a contract with a few one-line classes::
+
+    from tensafe.testing import MLBackendConformance
+
+    class TestMyBackend(MLBackendConformance):
+        backend_name = "my-backend"
+
+Each mixin looks its object up by name through a freshly built plugin manager
+(so registration is tested too) and runs the tests for the interface plus
+those for every capability the object declares (see :mod:`tensafe.capabilities`).
+Override the ``run_config`` / ``adam_params`` methods when your backend needs
+other settings. Requires pytest (``pip install tensafe-core[testing]``).
+"""
+
+from __future__ import annotations
+
+from tensafe.testing.accountant import PrivacyAccountantConformance
+from tensafe.testing.ml_backend import MLBackendConformance
+from tensafe.testing.support import fresh_plugin_manager, requires_capability
+
+__all__ = [
+    "MLBackendConformance",
+    "PrivacyAccountantConformance",
+    "fresh_plugin_manager",
+    "requires_capability",
+]

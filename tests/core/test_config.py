@@ -1,0 +1,96 @@
+"""Run configuration: formats, field-level errors, environment overrides."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tensafe.config import RunConfig, build_config, env_overrides, load_config
+from tensafe.errors import ConfigError
+
+
+def test_defaults_follow_tinker_and_are_private() -> None:
+    config = RunConfig()
+    assert config.backend == "torch"
+    assert config.dp.enabled and config.dp.target_epsilon is not None
+    assert (config.optimizer.beta1, config.optimizer.beta2, config.optimizer.eps) == (0.9, 0.95, 1e-12)
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("run.yaml", "backend: bigram\ndp:\n  noise_multiplier: 1.3\ntraining:\n  steps: 7\n"),
+        ("run.toml", 'backend = "bigram"\n[dp]\nnoise_multiplier = 1.3\n[training]\nsteps = 7\n'),
+        ("run.json", json.dumps({"backend": "bigram", "dp": {"noise_multiplier": 1.3}, "training": {"steps": 7}})),
+    ],
+)
+def test_each_format_loads_the_same_config(tmp_path: Path, name: str, text: str) -> None:
+    path = tmp_path / name
+    path.write_text(text)
+    config = load_config(path, environ={})
+    assert (config.backend, config.dp.noise_multiplier, config.training.steps) == ("bigram", 1.3, 7)
+
+
+def test_errors_name_every_bad_field(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("dp:\n  max_grad_norm: -1\n  epsilon: 3\nlora:\n  rank: zero\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    fields = [loc for loc, _ in info.value.problems]
+    assert sorted(fields) == ["dp.epsilon", "dp.max_grad_norm", "lora.rank"]
+    assert info.value.exit_code == 2
+
+
+def test_dp_needs_a_budget_or_a_noise_multiplier() -> None:
+    with pytest.raises(ConfigError, match="set target_epsilon, noise_multiplier, or both"):
+        build_config({"dp": {"target_epsilon": None}}, environ={})
+
+
+@pytest.mark.parametrize(("text", "message"), [("- a\n- b\n", "must be a mapping"), ("a: [", "cannot parse")])
+def test_unparseable_files_are_config_errors(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, environ={})
+
+
+def test_unknown_suffix_and_missing_file(tmp_path: Path) -> None:
+    (tmp_path / "c.ini").write_text("x")
+    with pytest.raises(ConfigError, match="unknown config format"):
+        load_config(tmp_path / "c.ini")
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_environment_overrides_nested_fields(tmp_path: Path) -> None:
+    environ = {
+        "TENSAFE_CONFIG__DP__NOISE_MULTIPLIER": "2.5",
+        "TENSAFE_CONFIG__BACKEND": "bigram",
+        "TENSAFE_CONFIG__LORA__TARGET_MODULES": '["q_proj", "v_proj"]',
+        "UNRELATED": "1",
+    }
+    assert env_overrides(environ) == {
+        "dp": {"noise_multiplier": 2.5},
+        "backend": "bigram",
+        "lora": {"target_modules": ["q_proj", "v_proj"]},
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text("dp:\n  noise_multiplier: 1.0\n  max_grad_norm: 0.5\n")
+    config = load_config(path, environ=environ)
+    assert (config.dp.noise_multiplier, config.dp.max_grad_norm, config.backend) == (2.5, 0.5, "bigram")
+
+
+def test_bad_environment_override_names_the_field() -> None:
+    with pytest.raises(ConfigError, match="training.steps"):
+        load_config(None, environ={"TENSAFE_CONFIG__TRAINING__STEPS": "many"})
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    path = tmp_path / "sub" / "run.yaml"
+    path.write_text("data:\n  path: data.jsonl\noutput_dir: out\n")
+    config = load_config(path, environ={})
+    assert config.data.path == tmp_path / "sub" / "data.jsonl"
+    assert config.output_dir == tmp_path / "sub" / "out"

@@ -1,0 +1,530 @@
+"""A byte-level bigram language model, written in pure Python, as a TenSafe ML backend.
+
+Tokens are the 256 byte values of UTF-8 text plus an end-of-sequence token
+(id 256). The model predicts the next token from the current one through a
+257 x 257 table of logits. The frozen "base model" is a table of zeros (the
+uniform distribution); the trainable "adapter" is a second table added to it,
+so the logits are simply the adapter table. Row ``r`` holds the logits of the
+token that follows token ``r``.
+
+Training follows Tinker's semantics: the cross-entropy loss is summed over
+tokens and data (``loss:sum``), ``forward_backward`` accumulates gradients and
+``optim_step`` applies them with AdamW. Under ``config.dp.enabled`` the update
+is DP-SGD: every datum's gradient is clipped to ``dp.max_grad_norm``, the
+clipped gradients are summed, Gaussian noise of standard deviation
+``noise_multiplier * max_grad_norm`` is added to every parameter and the result
+is divided by the expected batch size ``training.batch_size``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from array import array
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+from tensafe import capabilities
+from tensafe.config import RunConfig
+from tensafe.errors import BackendError
+from tensafe.interfaces import MLBackend
+from tensafe.types import (
+    AdamParams,
+    Datum,
+    ForwardBackwardOutput,
+    LossFnType,
+    ModelInfo,
+    OptimStepResponse,
+    SampledSequence,
+    SampleResponse,
+    SamplingParams,
+    StopReason,
+)
+
+#: Number of byte tokens; the end-of-sequence token comes right after them.
+BYTE_TOKENS = 256
+#: The end-of-sequence token id.
+EOS_TOKEN_ID = 256
+#: Vocabulary size: 256 bytes plus EOS.
+VOCAB_SIZE = 257
+#: Number of parameters in one table (adapter or base).
+TABLE_SIZE = VOCAB_SIZE * VOCAB_SIZE
+#: Name reported in :class:`ModelInfo` and written into exported adapters.
+MODEL_NAME = "bigram-bytes"
+#: ``max_tokens`` used when the sampling parameters leave it unset.
+DEFAULT_MAX_TOKENS = 64
+
+STATE_FORMAT = "tensafe-bigram-state"
+STATE_VERSION = 1
+ADAPTER_FORMAT = "tensafe-bigram-adapter"
+ADAPTER_VERSION = 1
+ADAPTER_FILE = "bigram_adapter.json"
+
+#: A datum's gradient: table row -> the 257 partial derivatives of that row's logits.
+SparseGrad = dict[int, list[float]]
+
+
+def _rng_state_to_json(rng: random.Random) -> list[Any]:
+    version, internal, gauss_next = rng.getstate()
+    return [version, list(internal), gauss_next]
+
+
+def _rng_state_from_json(value: Any, what: str) -> tuple[Any, ...]:
+    if not (isinstance(value, list) and len(value) == 3 and isinstance(value[1], list)):
+        raise BackendError(f"bigram state: {what} must be [version, [internal state], gauss_next]")
+    version, internal, gauss_next = value
+    if not isinstance(version, int) or not all(isinstance(x, int) and not isinstance(x, bool) for x in internal):
+        raise BackendError(f"bigram state: {what} has a malformed version or internal state")
+    if gauss_next is not None and not _is_number(gauss_next):
+        raise BackendError(f"bigram state: {what} has a malformed gauss_next")
+    state = (version, tuple(internal), gauss_next)
+    try:
+        random.Random().setstate(state)
+    except (TypeError, ValueError) as exc:
+        raise BackendError(f"bigram state: {what} is not a valid random.Random state: {exc}") from None
+    return state
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _counter(value: Any, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise BackendError(f"bigram state: {what} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _float_table(value: Any, what: str) -> array[float]:
+    if not isinstance(value, list) or len(value) != TABLE_SIZE:
+        raise BackendError(f"bigram state: {what} must be a list of {TABLE_SIZE} numbers")
+    if not all(_is_number(x) for x in value):
+        raise BackendError(f"bigram state: {what} contains something that is not a number")
+    return array("d", value)
+
+
+def _log_softmax_row(row: Sequence[float]) -> tuple[list[float], float]:
+    """Softmax probabilities of ``row`` and its log-sum-exp, computed stably."""
+    top = max(row)
+    exps = [math.exp(x - top) for x in row]
+    total = math.fsum(exps)
+    inv = 1.0 / total
+    return [e * inv for e in exps], top + math.log(total)
+
+
+class BigramBackend(MLBackend):
+    """A trainable byte-level bigram language model (pure Python, standard library only)."""
+
+    capabilities: ClassVar[frozenset[str]] = frozenset({capabilities.DP_SGD, capabilities.SEEDED_SAMPLING})
+
+    def __init__(self) -> None:
+        self._config: RunConfig | None = None
+        self._table = array("d", bytes(8 * TABLE_SIZE))
+        self._adam_m = array("d", bytes(8 * TABLE_SIZE))
+        self._adam_v = array("d", bytes(8 * TABLE_SIZE))
+        self._step = 0
+        self._adam_steps = 0
+        self._pending: list[SparseGrad] = []
+        self._noise_rng = random.Random()
+        self._sample_rng = random.Random()
+
+    # ------------------------------------------------------------------
+    # Model and tokenizer
+    # ------------------------------------------------------------------
+
+    def initialize_model(self, config: RunConfig) -> ModelInfo:
+        if config.model.path is not None:
+            raise BackendError(
+                f"the bigram backend has no model files; model.path must be unset (got {config.model.path!r})"
+            )
+        # config.lora.seed is accepted but unused: the adapter starts at zero (the uniform distribution).
+        self._config = config
+        self._table = array("d", bytes(8 * TABLE_SIZE))
+        self._adam_m = array("d", bytes(8 * TABLE_SIZE))
+        self._adam_v = array("d", bytes(8 * TABLE_SIZE))
+        self._step = 0
+        self._adam_steps = 0
+        self._pending = []
+        seed = config.training.seed
+        self._noise_rng = random.Random(seed) if seed is not None else random.Random()
+        self._sample_rng = random.Random(f"{seed}:sampling") if seed is not None else random.Random()
+        return ModelInfo(
+            model_name=MODEL_NAME,
+            vocab_size=VOCAB_SIZE,
+            eos_token_id=EOS_TOKEN_ID,
+            trainable_parameters=TABLE_SIZE,
+            total_parameters=2 * TABLE_SIZE,
+        )
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        return bytes(t for t in tokens if 0 <= t < BYTE_TOKENS).decode("utf-8", errors="replace")
+
+    # ------------------------------------------------------------------
+    # Loss and gradients
+    # ------------------------------------------------------------------
+
+    def _require_config(self, operation: str) -> RunConfig:
+        if self._config is None:
+            raise BackendError(f"bigram backend: {operation} was called before initialize_model")
+        return self._config
+
+    def _check_batch(self, data: Sequence[Datum], loss_fn: str, operation: str) -> None:
+        self._require_config(operation)
+        if loss_fn != "cross_entropy":
+            raise BackendError(
+                f"the bigram backend supports only the cross_entropy loss, not {loss_fn!r} "
+                "(it does not declare the policy_losses capability)"
+            )
+        if not data:
+            raise BackendError(f"bigram backend: {operation} needs at least one datum, got an empty list")
+        for index, datum in enumerate(data):
+            if not isinstance(datum, Datum):
+                raise BackendError(f"datum {index} is a {type(datum).__name__}, not a tensafe.types.Datum")
+            for field, tokens in (("model_input", datum.model_input), ("target_tokens", datum.target_tokens)):
+                for position, token in enumerate(tokens):
+                    if not 0 <= token < VOCAB_SIZE:
+                        raise BackendError(
+                            f"datum {index}: {field}[{position}] = {token} is outside the vocabulary [0, {VOCAB_SIZE})"
+                        )
+
+    def _run(self, data: Sequence[Datum], with_grads: bool) -> tuple[ForwardBackwardOutput, list[SparseGrad]]:
+        table = self._table
+        rows: dict[int, tuple[list[float], float]] = {}  # row -> (softmax, log-sum-exp), computed once per call
+        outputs: list[dict[str, list[float]]] = []
+        grads: list[SparseGrad] = []
+        loss_terms: list[float] = []
+        weight_terms: list[float] = []
+        for datum in data:
+            targets = datum.target_tokens
+            weights = datum.values("weights", 1.0)
+            logprobs: list[float] = []
+            # Per row: total weight of the positions reading it, and weight per target token.
+            row_weight: dict[int, float] = {}
+            row_targets: dict[int, dict[int, float]] = {}
+            for token, target, weight in zip(datum.model_input, targets, weights, strict=True):
+                cached = rows.get(token)
+                if cached is None:
+                    start = token * VOCAB_SIZE
+                    cached = _log_softmax_row(table[start : start + VOCAB_SIZE])
+                    rows[token] = cached
+                logp = table[token * VOCAB_SIZE + target] - cached[1]
+                logprobs.append(logp)
+                loss_terms.append(-weight * logp)
+                weight_terms.append(weight)
+                if with_grads and weight != 0.0:
+                    row_weight[token] = row_weight.get(token, 0.0) + weight
+                    per_target = row_targets.setdefault(token, {})
+                    per_target[target] = per_target.get(target, 0.0) + weight
+            outputs.append({"logprobs": logprobs})
+            if with_grads:
+                grad: SparseGrad = {}
+                for token, total in row_weight.items():
+                    # d(-sum w log p_t) / d logit_j = sum w * (p_j - [j == t])
+                    row_grad = [total * p for p in rows[token][0]]
+                    for target, weight in row_targets[token].items():
+                        row_grad[target] -= weight
+                    grad[token] = row_grad
+                grads.append(grad)
+        output = ForwardBackwardOutput(
+            loss_fn_output_type="cross_entropy",
+            loss_fn_outputs=outputs,
+            metrics={"loss:sum": math.fsum(loss_terms), "tokens": math.fsum(weight_terms)},
+        )
+        return output, grads
+
+    def forward(
+        self, data: Sequence[Datum], loss_fn: LossFnType, loss_fn_config: Mapping[str, float] | None = None
+    ) -> ForwardBackwardOutput:
+        self._check_batch(data, loss_fn, "forward")
+        output, _ = self._run(data, with_grads=False)
+        return output
+
+    def forward_backward(
+        self, data: Sequence[Datum], loss_fn: LossFnType, loss_fn_config: Mapping[str, float] | None = None
+    ) -> ForwardBackwardOutput:
+        self._check_batch(data, loss_fn, "forward_backward")
+        output, grads = self._run(data, with_grads=True)
+        self._pending.extend(grads)
+        return output
+
+    # ------------------------------------------------------------------
+    # Optimizer
+    # ------------------------------------------------------------------
+
+    def _dp_gradient(self, config: RunConfig) -> array[float]:
+        """Sum of per-datum gradients clipped to C, plus N(0, (sigma C)^2) noise, over the expected batch size."""
+        dp = config.dp
+        if dp.noise_multiplier is None:
+            raise BackendError("bigram backend: dp.noise_multiplier must be resolved before training")
+        clip = dp.max_grad_norm
+        total = array("d", bytes(8 * TABLE_SIZE))
+        for grad in self._pending:
+            norm = math.sqrt(math.fsum(g * g for row in grad.values() for g in row))
+            scale = min(1.0, clip / norm) if norm > 0.0 else 1.0
+            for token, row in grad.items():
+                start = token * VOCAB_SIZE
+                for j, g in enumerate(row):
+                    total[start + j] += scale * g
+        std = dp.noise_multiplier * clip
+        rng: random.Random = random.SystemRandom() if dp.secure_rng else self._noise_rng
+        gauss = rng.gauss
+        inv_batch = 1.0 / config.training.batch_size
+        return array("d", [(g + gauss(0.0, std)) * inv_batch for g in total])
+
+    def _summed_gradient(self) -> array[float]:
+        total = array("d", bytes(8 * TABLE_SIZE))
+        for grad in self._pending:
+            for token, row in grad.items():
+                start = token * VOCAB_SIZE
+                for j, g in enumerate(row):
+                    total[start + j] += g
+        return total
+
+    def optim_step(self, adam_params: AdamParams) -> OptimStepResponse:
+        config = self._require_config("optim_step")
+        metrics: dict[str, float] = {}
+        if config.dp.enabled:
+            # Under DP an empty (Poisson-sampled) batch still takes a step: the noise alone.
+            gradient: array[float] | None = self._dp_gradient(config)
+        elif self._pending:
+            gradient = self._summed_gradient()
+        else:
+            gradient = None  # nothing accumulated: no update, as an optimizer skips parameters without gradients
+        if gradient is not None:
+            norm = math.sqrt(math.fsum(g * g for g in gradient))
+            metrics["grad_norm"] = norm
+            if not config.dp.enabled and adam_params.grad_clip_norm > 0.0 and norm > adam_params.grad_clip_norm:
+                factor = adam_params.grad_clip_norm / norm
+                gradient = array("d", [g * factor for g in gradient])
+            self._adamw(gradient, adam_params)
+        else:
+            metrics["grad_norm"] = 0.0
+        self._pending = []
+        self._step += 1
+        return OptimStepResponse(step=self._step, metrics=metrics)
+
+    def _adamw(self, gradient: array[float], params: AdamParams) -> None:
+        """One AdamW update (decoupled weight decay, bias-corrected moments), as torch.optim.AdamW."""
+        self._adam_steps += 1
+        t = self._adam_steps
+        lr, beta1, beta2, eps = params.learning_rate, params.beta1, params.beta2, params.eps
+        decay = 1.0 - lr * params.weight_decay
+        correction1 = 1.0 - beta1**t
+        step_size = lr / correction1
+        sqrt_correction2 = math.sqrt(1.0 - beta2**t)
+        one_minus_beta1 = 1.0 - beta1
+        one_minus_beta2 = 1.0 - beta2
+        sqrt = math.sqrt
+        table, m, v = self._table, self._adam_m, self._adam_v
+        for i, g in enumerate(gradient):
+            mi = beta1 * m[i] + one_minus_beta1 * g
+            vi = beta2 * v[i] + one_minus_beta2 * g * g
+            m[i] = mi
+            v[i] = vi
+            table[i] = table[i] * decay - step_size * mi / (sqrt(vi) / sqrt_correction2 + eps)
+
+    # ------------------------------------------------------------------
+    # Sampling
+    # ------------------------------------------------------------------
+
+    def sample(
+        self, prompts: Sequence[Sequence[int]], sampling_params: SamplingParams, num_samples: int = 1
+    ) -> list[SampleResponse]:
+        self._require_config("sample")
+        if num_samples < 1:
+            raise BackendError(f"bigram backend: num_samples must be at least 1, got {num_samples}")
+        for index, prompt in enumerate(prompts):
+            if len(prompt) == 0:
+                raise BackendError(f"bigram backend: prompt {index} is empty; a bigram model needs a last token")
+            for position, token in enumerate(prompt):
+                if not 0 <= token < VOCAB_SIZE:
+                    raise BackendError(
+                        f"prompt {index}: token {position} = {token} is outside the vocabulary [0, {VOCAB_SIZE})"
+                    )
+        rng = random.Random(sampling_params.seed) if sampling_params.seed is not None else self._sample_rng
+        max_tokens = sampling_params.max_tokens if sampling_params.max_tokens is not None else DEFAULT_MAX_TOKENS
+        stop = sampling_params.stop
+        stop_strings: list[str] = []
+        stop_tokens: set[int] = set()
+        if isinstance(stop, str):
+            stop_strings = [stop] if stop else []
+        elif stop:
+            for item in stop:
+                if isinstance(item, str):
+                    if item:
+                        stop_strings.append(item)
+                else:
+                    stop_tokens.add(int(item))
+        responses: list[SampleResponse] = []
+        for prompt in prompts:
+            sequences = [
+                self._generate(int(prompt[-1]), sampling_params, max_tokens, stop_strings, stop_tokens, rng)
+                for _ in range(num_samples)
+            ]
+            responses.append(SampleResponse(sequences=sequences))
+        return responses
+
+    def _distribution(self, token: int, params: SamplingParams) -> list[tuple[int, float]]:
+        """``(token, probability)`` pairs of the sampling distribution after ``token``, most likely first."""
+        start = token * VOCAB_SIZE
+        logits = self._table[start : start + VOCAB_SIZE]
+        temperature = params.temperature
+        probs, _ = _log_softmax_row([x / temperature for x in logits])
+        ranked = sorted(enumerate(probs), key=lambda pair: -pair[1])  # stable: ties keep the lower id first
+        if params.top_k != -1:
+            ranked = ranked[: params.top_k]
+        if params.top_p < 1.0:
+            kept: list[tuple[int, float]] = []
+            mass = 0.0
+            for pair in ranked:
+                kept.append(pair)
+                mass += pair[1]
+                if mass >= params.top_p:
+                    break
+            ranked = kept
+        total = math.fsum(p for _, p in ranked)
+        return [(tok, p / total) for tok, p in ranked]
+
+    def _generate(
+        self,
+        last: int,
+        params: SamplingParams,
+        max_tokens: int,
+        stop_strings: list[str],
+        stop_tokens: set[int],
+        rng: random.Random,
+    ) -> SampledSequence:
+        tokens: list[int] = []
+        logprobs: list[float] = []
+        stop_reason: StopReason = "length"
+        for _ in range(max_tokens):
+            if params.temperature == 0.0:
+                start = last * VOCAB_SIZE
+                row = self._table[start : start + VOCAB_SIZE]
+                best = max(range(VOCAB_SIZE), key=row.__getitem__)  # first maximum: the lowest id wins ties
+                _, lse = _log_softmax_row(row)
+                token, logp = best, row[best] - lse
+            else:
+                distribution = self._distribution(last, params)
+                threshold = rng.random()
+                cumulative = 0.0
+                token, prob = distribution[-1]
+                for candidate, p in distribution:
+                    cumulative += p
+                    if threshold < cumulative:
+                        token, prob = candidate, p
+                        break
+                logp = math.log(prob)
+            tokens.append(token)
+            logprobs.append(logp)
+            last = token
+            if token == EOS_TOKEN_ID or token in stop_tokens:
+                stop_reason = "stop"
+                break
+            if stop_strings:
+                text = self.decode(tokens)
+                if any(s in text for s in stop_strings):
+                    stop_reason = "stop"
+                    break
+        return SampledSequence(tokens=tokens, logprobs=logprobs, stop_reason=stop_reason, text=self.decode(tokens))
+
+    # ------------------------------------------------------------------
+    # State and export
+    # ------------------------------------------------------------------
+
+    def save_state(self) -> bytes:
+        self._require_config("save_state")
+        state = {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "vocab_size": VOCAB_SIZE,
+            "step": self._step,
+            "adam_steps": self._adam_steps,
+            "table": self._table.tolist(),
+            "adam_m": self._adam_m.tolist(),
+            "adam_v": self._adam_v.tolist(),
+            "noise_rng": _rng_state_to_json(self._noise_rng),
+            "sample_rng": _rng_state_to_json(self._sample_rng),
+        }
+        return json.dumps(state, separators=(",", ":")).encode("utf-8")
+
+    def load_state(self, state: bytes) -> int:
+        self._require_config("load_state")
+        if not isinstance(state, bytes | bytearray | memoryview):
+            raise BackendError(f"bigram state must be bytes, not {type(state).__name__}")
+        try:
+            data = json.loads(bytes(state).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BackendError(f"bigram state is not valid UTF-8 JSON: {exc}") from None
+        if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
+            raise BackendError(f"not a bigram backend state (expected format {STATE_FORMAT!r})")
+        if data.get("version") != STATE_VERSION:
+            raise BackendError(f"unsupported bigram state version {data.get('version')!r}; expected {STATE_VERSION}")
+        if data.get("vocab_size") != VOCAB_SIZE:
+            raise BackendError(f"bigram state has vocab_size {data.get('vocab_size')!r}; expected {VOCAB_SIZE}")
+        step = _counter(data.get("step"), "step")
+        adam_steps = _counter(data.get("adam_steps"), "adam_steps")
+        table = _float_table(data.get("table"), "table")
+        adam_m = _float_table(data.get("adam_m"), "adam_m")
+        adam_v = _float_table(data.get("adam_v"), "adam_v")
+        noise_state = _rng_state_from_json(data.get("noise_rng"), "noise_rng")
+        sample_state = _rng_state_from_json(data.get("sample_rng"), "sample_rng")
+        self._table, self._adam_m, self._adam_v = table, adam_m, adam_v
+        self._step, self._adam_steps = step, adam_steps
+        self._noise_rng.setstate(noise_state)
+        self._sample_rng.setstate(sample_state)
+        self._pending = []
+        return step
+
+    def export_adapter(self, directory: Path) -> list[Path]:
+        self._require_config("export_adapter")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / ADAPTER_FILE
+        rows = [self._table[r * VOCAB_SIZE : (r + 1) * VOCAB_SIZE].tolist() for r in range(VOCAB_SIZE)]
+        adapter = {
+            "format": ADAPTER_FORMAT,
+            "version": ADAPTER_VERSION,
+            "model_name": MODEL_NAME,
+            "vocab_size": VOCAB_SIZE,
+            "eos_token_id": EOS_TOKEN_ID,
+            "tokenizer": "utf-8 bytes; token 256 is end-of-sequence",
+            "description": "logits[r][j]: logit of token j following token r, added to a frozen base of zeros",
+            "logits": rows,
+        }
+        path.write_text(json.dumps(adapter, separators=(",", ":")), encoding="utf-8")
+        return [path]
+
+    def load_adapter(self, directory: Path) -> None:
+        """Replace the logits table with one :meth:`export_adapter` wrote; optimizer state is kept."""
+        self._require_config("load_adapter")
+        path = Path(directory) / ADAPTER_FILE
+        if not path.is_file():
+            raise BackendError(f"no bigram adapter in {directory}: {ADAPTER_FILE} not found")
+        try:
+            adapter = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BackendError(f"{path} is not valid UTF-8 JSON: {exc}") from None
+        if not isinstance(adapter, dict) or adapter.get("format") != ADAPTER_FORMAT:
+            raise BackendError(f"{path} is not a bigram adapter (expected format {ADAPTER_FORMAT!r})")
+        if adapter.get("version") != ADAPTER_VERSION:
+            raise BackendError(f"{path}: unsupported adapter version {adapter.get('version')!r}")
+        if adapter.get("vocab_size") != VOCAB_SIZE:
+            raise BackendError(f"{path}: vocab_size {adapter.get('vocab_size')!r} is not {VOCAB_SIZE}")
+        rows = adapter.get("logits")
+        if not (
+            isinstance(rows, list)
+            and len(rows) == VOCAB_SIZE
+            and all(isinstance(row, list) and len(row) == VOCAB_SIZE for row in rows)
+        ):
+            raise BackendError(f"{path}: logits must be {VOCAB_SIZE} rows of {VOCAB_SIZE} numbers")
+        flat = [x for row in rows for x in row]
+        if not all(_is_number(x) for x in flat):
+            raise BackendError(f"{path}: logits contain something that is not a number")
+        self._table = array("d", flat)
+        self._pending = []
