@@ -72,7 +72,7 @@ def plugin(session: nox.Session, dist: str) -> None:
     """One plugin distribution with tensafe-core, in its own virtualenv."""
     if dist == "none":
         session.skip("no plugin distribution in the tree yet")
-    session.install("./tensafe-core[testing]", f"./{dist}", *TEST_TOOLS)
+    session.install("./tensafe-core[testing]", f"./{dist}", f"./{THIRD_PARTY_PLUGIN}", *TEST_TOOLS)
     session.run("pytest", f"tests/{PLUGIN_TESTS[dist]}", *session.posargs, env=STRICT)
 
 

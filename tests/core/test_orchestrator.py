@@ -11,9 +11,9 @@ import pytest
 
 from tensafe.config import RunConfig, build_config
 from tensafe.data import PoissonSampler, load_records, split_records
-from tensafe.errors import PrivacyBudgetExceeded, StepVetoed, UsageError
+from tensafe.errors import NotInstalledError, PrivacyBudgetExceeded, StepVetoed, UsageError
 from tensafe.orchestrator import TenSafeOrchestrator
-from tensafe.plugins import TensafePluginManager
+from tensafe.plugins import PluginSettings, TensafePluginManager, create_plugin_manager
 from tensafe.testing import fresh_plugin_manager
 from tests.mocks.accountants import LinearAccountantPlugin
 from tests.mocks.observers import RunObserver, StepVetoer
@@ -150,9 +150,9 @@ def test_dp_on_a_backend_without_dp_sgd_is_refused(qa_dataset: Path, tmp_path: P
 
 
 def test_missing_accountant_says_what_to_install(qa_dataset: Path, tmp_path: Path) -> None:
-    pm = fresh_plugin_manager(autoload=True)
+    pm = create_plugin_manager(settings=PluginSettings(allowlist=frozenset({"bigram"}), strict=True))
     config = config_for(qa_dataset, tmp_path, dp={"accountant": "rdp", "noise_multiplier": 1.0})
-    with pytest.raises(Exception, match="pip install tensafe-privacy"):
+    with pytest.raises(NotInstalledError, match="pip install tensafe-privacy"):
         TenSafeOrchestrator(config, plugin_manager=pm).prepare()
 
 
@@ -200,3 +200,77 @@ def test_held_out_split_is_stable_and_disjoint(qa_dataset: Path) -> None:
     assert len(held) == 4 and len(train) == 36
     assert not set(map(id, train)) & set(map(id, held))
     assert split_records(records, 0.1) == (train, held)
+
+
+def test_budget_warning_is_reported_once_when_the_threshold_is_crossed(
+    pm: TensafePluginManager, qa_dataset: Path, tmp_path: Path
+) -> None:
+    q = 8 / 36
+    observer = RunObserver()
+    pm.register(observer)
+    config = dp_config(qa_dataset, tmp_path, target_epsilon=10 * q)  # 6 steps spend 6q; warn at 8q is not reached
+    config.dp.warn_fraction = 0.5  # 5q is crossed at step 5
+    TenSafeOrchestrator(config, plugin_manager=pm).run()
+    [(epsilon, target)] = observer.named("warn")
+    assert epsilon == pytest.approx(5 * q) and target == pytest.approx(10 * q)
+    kinds = [kind for kind, _ in observer.calls if kind in ("report", "warn")]
+    assert kinds.index("warn") == 5, "the warning follows the report of step 5"
+
+
+def test_report_shows_epsilon_by_step(pm: TensafePluginManager, qa_dataset: Path, tmp_path: Path) -> None:
+    report = TenSafeOrchestrator(dp_config(qa_dataset, tmp_path, target_epsilon=None), plugin_manager=pm).run()
+    text = (Path(report["run_dir"]) / "report.txt").read_text()
+    assert "epsilon by step: 1: 0.222, 2: 0.444" in text and "6: 1.333" in text
+    assert report["privacy"]["randomness"].startswith("seeded")
+
+
+def losses_and_spend(report: dict[str, Any]) -> list[tuple[float, float]]:
+    return [(h["loss"], h["epsilon"]) for h in report["history"]]
+
+
+def test_interrupted_run_resumes_exactly_where_it_stopped(
+    pm: TensafePluginManager, qa_dataset: Path, tmp_path: Path
+) -> None:
+    config = dp_config(qa_dataset, tmp_path, target_epsilon=None)
+    config.training.steps = 8
+    straight = TenSafeOrchestrator(config, plugin_manager=pm).run(run_dir=tmp_path / "straight")
+
+    vetoer = StepVetoer(first_refused=6)
+    pm.register(vetoer)
+    with pytest.raises(StepVetoed):
+        TenSafeOrchestrator(config, plugin_manager=pm).run(run_dir=tmp_path / "resumed")
+    pm.unregister(vetoer)
+    saved = json.loads((tmp_path / "resumed" / "checkpoint" / "progress.json").read_text())
+    assert saved["step"] == 5 and saved["privacy"]["accountant_state"]["steps"] == 5
+
+    resumed = TenSafeOrchestrator(config, plugin_manager=pm).run(run_dir=tmp_path / "resumed", resume=True)
+    assert resumed["steps"] == 8
+    assert losses_and_spend(resumed) == pytest.approx(losses_and_spend(straight))
+    assert (tmp_path / "resumed" / "adapter" / "bigram_adapter.json").read_text() == (
+        tmp_path / "straight" / "adapter" / "bigram_adapter.json"
+    ).read_text()
+
+
+def test_resume_refuses_a_checkpoint_with_other_privacy_parameters(
+    pm: TensafePluginManager, qa_dataset: Path, tmp_path: Path
+) -> None:
+    config = dp_config(qa_dataset, tmp_path, target_epsilon=None)
+    TenSafeOrchestrator(config, plugin_manager=pm).run(run_dir=tmp_path / "r")
+    other = dp_config(qa_dataset, tmp_path, target_epsilon=None, sigma=2.0)
+    other.training.steps = 9
+    with pytest.raises(UsageError, match="checkpoint was made with"):
+        TenSafeOrchestrator(other, plugin_manager=pm).run(run_dir=tmp_path / "r", resume=True)
+    with pytest.raises(UsageError, match="already holds a run"):
+        TenSafeOrchestrator(config, plugin_manager=pm).run(run_dir=tmp_path / "r")
+
+
+def test_a_torn_checkpoint_is_refused(pm: TensafePluginManager, qa_dataset: Path, tmp_path: Path) -> None:
+    config = dp_config(qa_dataset, tmp_path, target_epsilon=None)
+    TenSafeOrchestrator(config, plugin_manager=pm).run(run_dir=tmp_path / "r")
+    progress = tmp_path / "r" / "checkpoint" / "progress.json"
+    data = json.loads(progress.read_text())
+    data["privacy"]["accountant_state"]["steps"] = 2  # spend that lags the weights must never be accepted
+    progress.write_text(json.dumps(data))
+    config.training.steps = 9
+    with pytest.raises(UsageError, match="torn"):
+        TenSafeOrchestrator(config, plugin_manager=pm).run(run_dir=tmp_path / "r", resume=True)

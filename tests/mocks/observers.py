@@ -26,6 +26,10 @@ class RunObserver:
         self.calls.append(("report", (step, dict(metrics))))
 
     @hookimpl
+    def tensafe_warn_budget(self, epsilon: float, target_epsilon: float) -> None:
+        self.calls.append(("warn", (epsilon, target_epsilon)))
+
+    @hookimpl
     def tensafe_finish_run(self, run_id: str, report: dict[str, Any]) -> None:
         self.calls.append(("finish", report["status"]))
 

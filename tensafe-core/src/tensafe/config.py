@@ -101,6 +101,9 @@ class TrainingConfig(_Section):
     )
     micro_batch_size: int = Field(8, ge=1, description="Physical batch size; bounds memory at large logical batches.")
     eval_every: int = Field(0, ge=0, description="Report held-out loss every N steps (0 = only before and after).")
+    checkpoint_every: int = Field(
+        25, ge=0, description="Write a resumable checkpoint every N steps (0 = only at the end)."
+    )
     seed: int | None = Field(0, description="Seed for sampling of batches and generation; None = fresh randomness.")
 
 

@@ -167,6 +167,21 @@ def tensafe_report_step(run_id: str, step: int, metrics: dict[str, float]) -> No
 
 
 @hookspec
+def tensafe_warn_budget(run_id: str, epsilon: float, delta: float, target_epsilon: float) -> None:
+    """The run has spent the configured share (``dp.warn_fraction``) of its privacy budget.
+
+    :param run_id: the run's unique identifier.
+    :param epsilon: epsilon spent so far.
+    :param delta: the run's delta.
+    :param target_epsilon: the budget.
+    :returns: nothing; results are ignored.
+
+    All implementations are called, once per run, right after the step that
+    crossed the threshold has been reported.
+    """
+
+
+@hookspec
 def tensafe_finish_run(run_id: str, report: dict[str, Any]) -> None:
     """A training run has ended, successfully or not.
 

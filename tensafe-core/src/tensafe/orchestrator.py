@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import time
 import uuid
 from collections.abc import Sequence
@@ -32,6 +33,23 @@ if TYPE_CHECKING:
     from tensafe.types import Datum, SampleResponse, SamplingParams
 
 EVAL_SAMPLES = 3
+REPORT_MARKS = 6
+CHECKPOINT_FORMAT = "tensafe-checkpoint-1"
+BACKEND_STATE = "backend_state.bin"
+PROGRESS = "progress.json"
+CHECKPOINT_DIR = "checkpoint"
+
+
+def _rng_state(rng: random.Random) -> list[Any] | None:
+    if isinstance(rng, random.SystemRandom):
+        return None
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+def _restore_rng(rng: random.Random, state: list[Any] | None) -> None:
+    if state is not None:
+        rng.setstate((state[0], tuple(state[1]), state[2]))
 
 
 @dataclass
@@ -45,6 +63,7 @@ class PrivacyLedger:
     delta: float
     target_epsilon: float | None
     warn_fraction: float
+    secure_rng: bool
     warned: bool = False
 
     def epsilon(self) -> float:
@@ -67,7 +86,28 @@ class PrivacyLedger:
             "sampling_rate": self.sampling_rate,
             "noise_multiplier": self.noise_multiplier,
             "neighbouring_relation": "add_or_remove_one",
+            "sampling": "poisson, by the orchestrator",
+            "randomness": "os-csprng" if self.secure_rng else "seeded (no guarantee against whoever knows the seed)",
         }
+
+    def to_state(self) -> dict[str, Any]:
+        return {
+            "accountant": self.accountant_name,
+            "accountant_state": self.accountant.state(),
+            "sampling_rate": self.sampling_rate,
+            "noise_multiplier": self.noise_multiplier,
+            "delta": self.delta,
+            "warned": self.warned,
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Take over a saved spend; refuses one made with other privacy parameters."""
+        mine = (self.accountant_name, self.sampling_rate, self.noise_multiplier, self.delta)
+        theirs = (state["accountant"], state["sampling_rate"], state["noise_multiplier"], state["delta"])
+        if mine != theirs:
+            raise UsageError(f"checkpoint was made with accountant, q, sigma, delta = {theirs}, not {mine}")
+        self.accountant.load_state(state["accountant_state"])
+        self.warned = bool(state["warned"])
 
 
 @dataclass
@@ -81,6 +121,7 @@ class TrainingRun:
     eval_data: list[Datum]
     eval_records: list[Record]
     sampler: PoissonSampler
+    rng: random.Random
     privacy: PrivacyLedger | None
     step: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
@@ -124,7 +165,7 @@ class TenSafeOrchestrator:
             assert dp.target_epsilon is not None  # guaranteed by DPConfig
             sigma = accountant.calibrate_noise_multiplier(dp.target_epsilon, delta, sampling_rate, training.steps)
         return PrivacyLedger(
-            dp.accountant, accountant, sampling_rate, sigma, delta, dp.target_epsilon, dp.warn_fraction
+            dp.accountant, accountant, sampling_rate, sigma, delta, dp.target_epsilon, dp.warn_fraction, dp.secure_rng
         )
 
     def prepare(self) -> TrainingRun:
@@ -159,6 +200,7 @@ class TenSafeOrchestrator:
             eval_data=tokenize(eval_records),
             eval_records=eval_records,
             sampler=PoissonSampler(len(train_records), sampling_rate, rng),
+            rng=rng,
             privacy=privacy,
         )
 
@@ -177,6 +219,7 @@ class TenSafeOrchestrator:
     def train_step(self, run: TrainingRun) -> dict[str, float]:
         """One optimizer step on a Poisson-sampled batch, within the privacy budget."""
         cfg = run.config
+        rng_before = _rng_state(run.rng)
         indices = run.sampler.sample()
         next_step = run.step + 1
         reasons = [
@@ -185,10 +228,12 @@ class TenSafeOrchestrator:
             if r
         ]
         if reasons:
+            _restore_rng(run.rng, rng_before)  # a refused step leaves no trace, not even a drawn batch
             raise StepVetoed(next_step, reasons)
         if run.privacy is not None and run.privacy.target_epsilon is not None:
             would_be = run.privacy.epsilon_after_next_step()
             if would_be > run.privacy.target_epsilon:
+                _restore_rng(run.rng, rng_before)
                 raise PrivacyBudgetExceeded(
                     epsilon=run.privacy.epsilon(),
                     delta=run.privacy.delta,
@@ -208,13 +253,79 @@ class TenSafeOrchestrator:
         run.step = result.step
         metrics: dict[str, float] = {"batch_size": float(len(batch)), "loss": loss_sum / tokens if tokens else math.nan}
         metrics.update({k: v for k, v in result.metrics.items() if k not in metrics})
-        if run.privacy is not None:
-            run.privacy.accountant.compose_step(run.privacy.sampling_rate, run.privacy.noise_multiplier)
-            metrics["epsilon"] = run.privacy.epsilon()
+        privacy = run.privacy
+        if privacy is not None:
+            privacy.accountant.compose_step(privacy.sampling_rate, privacy.noise_multiplier)
+            metrics["epsilon"] = privacy.epsilon()
         run.history.append({"step": float(run.step), **metrics})
         self.pm.hook.tensafe_report_step(run_id=run.run_id, step=run.step, metrics=dict(metrics))
         self.audit("train.step", run.run_id, step=run.step, **metrics)
+        if (
+            privacy is not None
+            and privacy.target_epsilon is not None
+            and not privacy.warned
+            and metrics["epsilon"] >= privacy.warn_fraction * privacy.target_epsilon
+        ):
+            privacy.warned = True
+            self.pm.hook.tensafe_warn_budget(
+                run_id=run.run_id,
+                epsilon=metrics["epsilon"],
+                delta=privacy.delta,
+                target_epsilon=privacy.target_epsilon,
+            )
         return metrics
+
+    # -- checkpoints ----------------------------------------------------------
+
+    def save_checkpoint(self, run: TrainingRun, directory: Path) -> Path:
+        """Write backend state and privacy spend together, atomically: both or neither."""
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = directory.with_name(directory.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        (staging / BACKEND_STATE).write_bytes(run.backend.save_state())
+        progress = {
+            "format": CHECKPOINT_FORMAT,
+            "run_id": run.run_id,
+            "step": run.step,
+            "history": run.history,
+            "privacy": run.privacy.to_state() if run.privacy else None,
+            "rng": _rng_state(run.rng),
+        }
+        (staging / PROGRESS).write_text(json.dumps(progress), encoding="utf-8")
+        previous = directory.with_name(directory.name + ".old")
+        shutil.rmtree(previous, ignore_errors=True)
+        if directory.exists():
+            directory.rename(previous)
+        staging.rename(directory)
+        shutil.rmtree(previous, ignore_errors=True)
+        self.audit("checkpoint.write", str(directory), step=run.step)
+        return directory
+
+    def load_checkpoint(self, run: TrainingRun, directory: Path) -> None:
+        """Resume ``run`` from a checkpoint: backend state, privacy spend, history and sampling RNG."""
+        try:
+            progress = json.loads((directory / PROGRESS).read_text(encoding="utf-8"))
+            state = (directory / BACKEND_STATE).read_bytes()
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"cannot read checkpoint {directory}: {exc}") from None
+        if not isinstance(progress, dict) or progress.get("format") != CHECKPOINT_FORMAT:
+            raise UsageError(f"{directory} is not a TenSafe checkpoint")
+        if (progress["privacy"] is None) != (run.privacy is None):
+            raise UsageError("checkpoint and config disagree on whether training is differentially private")
+        step = run.backend.load_state(state)
+        if step != progress["step"]:
+            raise UsageError(f"checkpoint is torn: backend is at step {step}, progress at {progress['step']}")
+        if run.privacy is not None:
+            run.privacy.restore(progress["privacy"])
+            if run.privacy.accountant.steps != step:
+                raise UsageError(f"checkpoint is torn: {run.privacy.accountant.steps} steps accounted, {step} taken")
+        run.step = step
+        run.run_id = progress["run_id"]
+        run.history = progress["history"]
+        if not isinstance(run.rng, random.SystemRandom):
+            _restore_rng(run.rng, progress["rng"])
+        self.audit("checkpoint.load", str(directory), step=step)
 
     def sample_text(
         self, backend: MLBackend, prompts: Sequence[str], sampling: SamplingParams, num_samples: int = 1
@@ -246,35 +357,54 @@ class TenSafeOrchestrator:
         return self.sample_text(backend, prompts, sampling or self.config.sampling, num_samples)
 
     def run(
-        self, *, run_dir: Path | None = None, evaluate: bool = True, prepared: TrainingRun | None = None
+        self,
+        *,
+        run_dir: Path | None = None,
+        evaluate: bool = True,
+        prepared: TrainingRun | None = None,
+        resume: bool = False,
     ) -> dict[str, Any]:
-        """Train, export the adapter and state, and write the report.
+        """Train, export the adapter, and write checkpoints and the report into a run directory.
 
         With ``evaluate`` (``tensafe run``), also measure held-out loss and sample
         completions before and after training; without it (``tensafe train``),
         only train. ``prepared`` is a run from :meth:`prepare`, if already made.
+        With ``resume``, continue from the checkpoint in ``run_dir`` up to
+        ``training.steps`` steps. A checkpoint (backend state and privacy spend
+        together) is written every ``training.checkpoint_every`` steps, at the
+        end, and when the run fails, so nothing is lost.
         """
         started = time.time()
         run = prepared if prepared is not None else self.prepare()
         cfg = run.config
-        run_dir = run_dir or cfg.output_dir / (cfg.run_name or time.strftime("run-%Y%m%d-%H%M%S-") + run.run_id[:6])
+        if run_dir is None:
+            if resume:
+                raise UsageError("resuming needs the run directory to resume from")
+            run_dir = cfg.output_dir / (cfg.run_name or time.strftime("run-%Y%m%d-%H%M%S-") + run.run_id[:6])
+        checkpoint = run_dir / CHECKPOINT_DIR
+        if resume and run.step == 0:
+            self.load_checkpoint(run, checkpoint)
+        elif checkpoint.exists():
+            raise UsageError(f"{run_dir} already holds a run; resume it or choose another run name")
         run_dir.mkdir(parents=True, exist_ok=True)
         report: dict[str, Any] = {"run_id": run.run_id, "status": "failed", "run_dir": str(run_dir)}
         self.pm.hook.tensafe_start_run(run_id=run.run_id, config=run.config)
-        self.audit("run.start", run.run_id, backend=cfg.backend, steps=cfg.training.steps)
+        self.audit("run.start", run.run_id, backend=cfg.backend, steps=cfg.training.steps, resumed_at=run.step)
+        every = cfg.training.checkpoint_every
         try:
             prompts = self._eval_prompts(run) if evaluate else []
             before = self.held_out_loss(run) if evaluate else None
             samples_before = self.sample_text(run.backend, prompts, cfg.sampling) if prompts else []
-            for _ in range(cfg.training.steps):
+            while run.step < cfg.training.steps:
                 self.train_step(run)
                 if cfg.training.eval_every and run.step % cfg.training.eval_every == 0:
                     run.history[-1]["held_out_loss"] = self.held_out_loss(run) or math.nan
+                if every and run.step % every == 0 and run.step < cfg.training.steps:
+                    self.save_checkpoint(run, checkpoint)
+            self.save_checkpoint(run, checkpoint)
             after = self.held_out_loss(run) if evaluate else None
             samples_after = self.sample_text(run.backend, prompts, cfg.sampling) if prompts else []
             files = run.backend.export_adapter(run_dir / "adapter")
-            state_path = run_dir / "state.bin"
-            state_path.write_bytes(run.backend.save_state())
             report.update(
                 status="completed",
                 backend=cfg.backend,
@@ -290,17 +420,22 @@ class TenSafeOrchestrator:
                     for p, b, a in zip(prompts, samples_before, samples_after, strict=True)
                 ],
                 adapter_files=[str(f) for f in files],
-                state_file=str(state_path),
+                checkpoint=str(checkpoint),
                 config=json.loads(run.config.model_dump_json()),
                 seconds=round(time.time() - started, 2),
             )
             self.audit("artifact.write", str(run_dir), files=[str(f) for f in files])
             return report
-        except Exception as exc:
-            report["error"] = str(exc)
-            report["steps"] = run.step
-            report["privacy"] = run.privacy.certificate() if run.privacy else None
-            report["history"] = run.history
+        except BaseException as exc:
+            report.update(
+                error=str(exc) or type(exc).__name__,
+                steps=run.step,
+                history=run.history,
+                privacy=run.privacy.certificate() if run.privacy else None,
+            )
+            if run.step > 0:
+                self.save_checkpoint(run, checkpoint)
+                report["checkpoint"] = str(checkpoint)
             raise
         finally:
             (run_dir / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
@@ -324,6 +459,12 @@ def render_report(report: dict[str, Any]) -> str:
     if loss:
         lines.append(f"  held-out loss: {_fmt(loss['before'])} -> {_fmt(loss['after'])}")
     privacy = report.get("privacy")
+    spent = [(int(h["step"]), h["epsilon"]) for h in report.get("history", []) if "epsilon" in h]
+    if privacy and spent:
+        count = min(REPORT_MARKS, len(spent))
+        picks = sorted({round(i * (len(spent) - 1) / max(1, count - 1)) for i in range(count)})
+        marks = [spent[i] for i in picks]
+        lines.append("  epsilon by step: " + ", ".join(f"{step}: {eps:.3f}" for step, eps in marks))
     if privacy:
         lines.append(
             f"  privacy: epsilon {privacy['epsilon']:.4f} at delta {privacy['delta']:.3g} "

@@ -115,6 +115,14 @@ class _ProgressReporter:
         if self.bar is not None:
             self.bar.update(1)
 
+    @hookimpl
+    def tensafe_warn_budget(self, epsilon: float, target_epsilon: float) -> None:
+        click.echo(
+            f"\nwarning: {epsilon / target_epsilon:.0%} of the privacy budget spent "
+            f"(epsilon {epsilon:.3f} of {target_epsilon:g})",
+            err=True,
+        )
+
 
 def _describe(metrics: dict[str, float]) -> str:
     parts = []
@@ -125,16 +133,26 @@ def _describe(metrics: dict[str, float]) -> str:
     return "  ".join(parts)
 
 
-def _train(ctx: click.Context, config_file: Path | None, *, evaluate: bool, as_json: bool, **overrides: Any) -> None:
+def _train(
+    ctx: click.Context,
+    config_file: Path | None,
+    *,
+    evaluate: bool,
+    as_json: bool,
+    resume: Path | None,
+    **overrides: Any,
+) -> None:
     from tensafe.orchestrator import TenSafeOrchestrator, render_report
 
     config = _load(config_file, **overrides)
     pm = plugin_manager(ctx)
     orchestrator = TenSafeOrchestrator(config, plugin_manager=pm)
     prepared = orchestrator.prepare()
+    if resume is not None:
+        orchestrator.load_checkpoint(prepared, resume / "checkpoint")
     reporter = _ProgressReporter()
     progress: Any = click.progressbar(
-        length=config.training.steps,
+        length=config.training.steps - prepared.step,
         label="training",
         file=sys.stderr,
         show_pos=True,
@@ -144,7 +162,7 @@ def _train(ctx: click.Context, config_file: Path | None, *, evaluate: bool, as_j
         reporter.bar = bar
         pm.register(reporter)
         try:
-            report = orchestrator.run(evaluate=evaluate, prepared=prepared)
+            report = orchestrator.run(evaluate=evaluate, prepared=prepared, run_dir=resume, resume=resume is not None)
         finally:
             pm.unregister(reporter)
     if as_json:
@@ -158,7 +176,13 @@ def _training_options(func: Any) -> Any:
     func = click.option("--json", "as_json", is_flag=True, help="Print the run report as JSON.")(func)
     func = click.option("--run-name", help="Name of the run directory (default: timestamped).")(func)
     func = click.option("--output-dir", type=click.Path(path_type=Path), help="Where run directories go.")(func)
-    func = click.option("--steps", type=int, help="Optimizer steps (overrides training.steps).")(func)
+    func = click.option("--steps", type=int, help="Total optimizer steps (overrides training.steps).")(func)
+    func = click.option(
+        "--resume",
+        type=click.Path(path_type=Path, file_okay=False),
+        metavar="RUN_DIR",
+        help="Continue the run in RUN_DIR from its last checkpoint (same config), up to --steps.",
+    )(func)
     return CONFIG_ARG(func)
 
 
@@ -172,6 +196,7 @@ def run_cmd(
     output_dir: Path | None,
     run_name: str | None,
     as_json: bool,
+    resume: Path | None,
 ) -> None:
     """Run the whole pipeline: train a LoRA adapter with DP-SGD, measure held-out
     loss and sample completions before and after, and write the adapter and a
@@ -186,6 +211,7 @@ def run_cmd(
         config_file,
         evaluate=True,
         as_json=as_json,
+        resume=resume,
         **{"training.steps": steps, "output_dir": output_dir, "run_name": run_name},
     )
 
@@ -200,6 +226,7 @@ def train_cmd(
     output_dir: Path | None,
     run_name: str | None,
     as_json: bool,
+    resume: Path | None,
 ) -> None:
     """Train only: DP-SGD on Poisson-sampled batches, then write the adapter,
     the training state and the report (no before/after evaluation)."""
@@ -208,6 +235,7 @@ def train_cmd(
         config_file,
         evaluate=False,
         as_json=as_json,
+        resume=resume,
         **{"training.steps": steps, "output_dir": output_dir, "run_name": run_name},
     )
 
