@@ -67,7 +67,7 @@ def core(session: nox.Session) -> None:
 
 
 @nox.session
-@nox.parametrize("dist", PRESENT or ["none"])
+@nox.parametrize("dist", PRESENT or ["none"], ids=PRESENT or ["none"])
 def plugin(session: nox.Session, dist: str) -> None:
     """One plugin distribution with tensafe-core, in its own virtualenv."""
     if dist == "none":
