@@ -13,11 +13,14 @@ DP_SGD = "dp_sgd"
 SEEDED_SAMPLING = "seeded_sampling"
 #: The backend implements the ``importance_sampling`` and ``ppo`` losses.
 POLICY_LOSSES = "policy_losses"
+#: ``MLBackend.sample_stream`` yields text while it is generated.
+STREAMING = "streaming"
 
 KNOWN: dict[str, str] = {
     DP_SGD: "per-sample gradient clipping and Gaussian noise (DP-SGD)",
     SEEDED_SAMPLING: "reproducible sampling from SamplingParams.seed",
     POLICY_LOSSES: "the importance_sampling and ppo losses",
+    STREAMING: "streamed generation (sample_stream)",
 }
 
 

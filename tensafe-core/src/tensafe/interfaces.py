@@ -11,7 +11,7 @@ This module imports nothing heavy, so plugin modules may import it freely.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
@@ -92,6 +92,12 @@ class MLBackend(abc.ABC):
     @abc.abstractmethod
     def load_adapter(self, directory: Path) -> None:
         """Replace the current adapter with one :meth:`export_adapter` wrote."""
+
+    def sample_stream(self, prompt: Sequence[int], sampling_params: SamplingParams) -> Iterator[str]:
+        """Yield one continuation's text as it is generated (capability ``streaming``)."""
+        from tensafe.errors import BackendError
+
+        raise BackendError(f"{type(self).__name__} does not declare the 'streaming' capability")
 
     def default_dataset(self) -> Path | None:
         """A JSONL dataset shipped with the backend, used when the config names none."""

@@ -15,7 +15,7 @@ import random
 import shutil
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,7 +24,7 @@ from tensafe import capabilities
 from tensafe.audit import AuditEvent
 from tensafe.config import RunConfig
 from tensafe.data import PoissonSampler, Record, load_records, split_records, tokenize_record
-from tensafe.errors import PrivacyBudgetExceeded, StepVetoed, UsageError
+from tensafe.errors import BackendError, PrivacyBudgetExceeded, StepVetoed, UsageError
 from tensafe.plugins import TensafePluginManager, create_plugin_manager
 
 if TYPE_CHECKING:
@@ -335,8 +335,43 @@ class TenSafeOrchestrator:
             raise UsageError("no prompts given")
         return backend.sample([backend.encode(p) for p in prompts], sampling, num_samples)
 
+    def _probe(self, run: TrainingRun, probe: list[Datum]) -> list[float]:
+        return run.backend.forward(probe, "cross_entropy").loss_fn_outputs[0]["logprobs"] if probe else []
+
+    def _adapter_change(self, before: list[float], after: list[float], trained: bool) -> float:
+        """Largest change of a probe logprob; refuses a run whose adapter did not change at all.
+
+        DP training with a broken per-sample-gradient setup can look normal (loss
+        and epsilon move) while the adapter stays as initialised; this catches it.
+        """
+        change = max((abs(a - b) for a, b in zip(before, after, strict=True)), default=0.0)
+        if trained and before and change == 0.0:
+            raise BackendError(
+                "training finished but the adapter did not change the model's outputs at all; "
+                "the run is not usable (check the learning rate and that LoRA parameters receive gradients)"
+            )
+        return change
+
     def _eval_prompts(self, run: TrainingRun) -> list[str]:
         return [r.prompt for r in run.eval_records[:EVAL_SAMPLES] if r.prompt]
+
+    def _inference_backend(self, adapter: Path | None) -> MLBackend:
+        backend = self.registry.ml_backend(self.config.backend)
+        backend.initialize_model(self.config)
+        if adapter is not None:
+            if not Path(adapter).is_dir():
+                raise UsageError(f"adapter directory not found: {adapter}")
+            backend.load_adapter(Path(adapter))
+        return backend
+
+    def stream(self, prompt: str, *, adapter: Path | None = None) -> Iterator[str]:
+        """Yield generated text as it comes; backends without streaming yield it whole."""
+        backend = self._inference_backend(adapter)
+        self.audit("inference.generate", self.config.backend, prompts=1, adapter=str(adapter or ""))
+        if capabilities.has(backend, capabilities.STREAMING):
+            yield from backend.sample_stream(backend.encode(prompt), self.config.sampling)
+        else:
+            yield self.sample_text(backend, [prompt], self.config.sampling)[0].sequences[0].text
 
     def generate(
         self,
@@ -347,12 +382,7 @@ class TenSafeOrchestrator:
         num_samples: int = 1,
     ) -> list[SampleResponse]:
         """Generate from the configured base model, with ``adapter`` (a directory) if given."""
-        backend = self.registry.ml_backend(self.config.backend)
-        backend.initialize_model(self.config)
-        if adapter is not None:
-            if not Path(adapter).is_dir():
-                raise UsageError(f"adapter directory not found: {adapter}")
-            backend.load_adapter(Path(adapter))
+        backend = self._inference_backend(adapter)
         self.audit("inference.generate", self.config.backend, prompts=len(prompts), adapter=str(adapter or ""))
         return self.sample_text(backend, prompts, sampling or self.config.sampling, num_samples)
 
@@ -393,6 +423,9 @@ class TenSafeOrchestrator:
         every = cfg.training.checkpoint_every
         try:
             prompts = self._eval_prompts(run) if evaluate else []
+            probe = (run.eval_data or run.train_data)[:1]
+            probe_before = self._probe(run, probe)
+            start_step = run.step
             before = self.held_out_loss(run) if evaluate else None
             samples_before = self.sample_text(run.backend, prompts, cfg.sampling) if prompts else []
             while run.step < cfg.training.steps:
@@ -402,6 +435,7 @@ class TenSafeOrchestrator:
                 if every and run.step % every == 0 and run.step < cfg.training.steps:
                     self.save_checkpoint(run, checkpoint)
             self.save_checkpoint(run, checkpoint)
+            change = self._adapter_change(probe_before, self._probe(run, probe), run.step > start_step)
             after = self.held_out_loss(run) if evaluate else None
             samples_after = self.sample_text(run.backend, prompts, cfg.sampling) if prompts else []
             files = run.backend.export_adapter(run_dir / "adapter")
@@ -412,6 +446,7 @@ class TenSafeOrchestrator:
                 data=str(cfg.data.path or run.backend.default_dataset()),
                 records={"train": len(run.train_data), "eval": len(run.eval_data)},
                 steps=run.step,
+                adapter_change=change,
                 held_out_loss={"before": before, "after": after} if evaluate else None,
                 privacy=run.privacy.certificate() if run.privacy else None,
                 history=run.history,

@@ -290,6 +290,13 @@ def inference_cmd(
         },
     )
     orchestrator = TenSafeOrchestrator(config, plugin_manager=plugin_manager(ctx))
+    if not as_json and num_samples == 1:
+        for prompt in prompts:
+            click.echo(prompt, nl=False)
+            for piece in orchestrator.stream(prompt, adapter=adapter):
+                click.echo(piece, nl=False)
+            click.echo()
+        return
     responses = orchestrator.generate(list(prompts), adapter=adapter, num_samples=num_samples)
     if as_json:
         _emit_json([r.model_dump() for r in responses])
