@@ -26,8 +26,14 @@ PLUGIN_TESTS = {
     "tensafe-tgsp": "tgsp",
     "tensafe-he-seal": "he_seal",
 }
+#: Local distributions a plugin depends on (installed from the tree, not from an index).
+LOCAL_DEPENDENCIES = {"tensafe-torch": ["./tensafe-privacy"]}
+#: Installed first: the CPU build of torch, so that no multi-GB CUDA build is pulled in.
+PREINSTALL = {"tensafe-torch": ["torch==2.13.0"]}
 PRESENT = [dist for dist in PLUGIN_TESTS if (ROOT / dist / "pyproject.toml").is_file()]
 nox.options.sessions += [f"plugin({dist})" for dist in PRESENT]
+if "tensafe-torch" in PRESENT:
+    nox.options.sessions.append("e2e")
 
 CORE_ONLY_TESTS = [
     "tests/core/test_core_only.py",
@@ -72,13 +78,31 @@ def plugin(session: nox.Session, dist: str) -> None:
     """One plugin distribution with tensafe-core, in its own virtualenv."""
     if dist == "none":
         session.skip("no plugin distribution in the tree yet")
-    session.install("./tensafe-core[testing]", f"./{dist}", f"./{THIRD_PARTY_PLUGIN}", *TEST_TOOLS)
+    if dist in PREINSTALL:
+        session.install(*PREINSTALL[dist])
+    session.install(
+        "./tensafe-core[testing]",
+        *LOCAL_DEPENDENCIES.get(dist, []),
+        f"./{dist}",
+        f"./{THIRD_PARTY_PLUGIN}",
+        *TEST_TOOLS,
+    )
     session.run("pytest", f"tests/{PLUGIN_TESTS[dist]}", *session.posargs, env=STRICT)
+
+
+@nox.session
+def e2e(session: nox.Session) -> None:
+    """Every distribution together, as a user installs them: the default `tensafe run` end to end."""
+    session.install(*PREINSTALL["tensafe-torch"])
+    session.install("./tensafe-core[testing]", *[f"./{d}" for d in PRESENT], *TEST_TOOLS)
+    session.run("pytest", "tests/e2e", *session.posargs, env=STRICT)
 
 
 @nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks (not run by default): each prints ratios against a baseline run in the same process."""
+    if "tensafe-torch" in PRESENT:
+        session.install(*PREINSTALL["tensafe-torch"])
     session.install("./tensafe-core", f"./{THIRD_PARTY_PLUGIN}", *[f"./{d}" for d in PRESENT])
     for script in sorted((ROOT / "benchmarks").glob("*.py")):
         session.run("python", str(script.relative_to(ROOT)), env=STRICT)

@@ -24,7 +24,7 @@ Q, SIGMA, STEPS, DELTA = 0.01, 1.1, 10_000, 1e-5
 
 
 def clear_caches() -> None:
-    for cached in (accountants._rdp_accountant, accountants._pld, accountants._pld_step):
+    for cached in (accountants._rdp_step, accountants._rdp_total, accountants._pld, accountants._pld_step):
         cached.cache_clear()
 
 

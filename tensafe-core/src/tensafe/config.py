@@ -95,11 +95,13 @@ class DPConfig(_Section):
 class TrainingConfig(_Section):
     """How long and on what batches to train."""
 
-    steps: int = Field(100, ge=1, description="Optimizer steps to take.")
+    steps: int = Field(300, ge=1, description="Optimizer steps to take.")
     batch_size: int = Field(
-        16, ge=1, description="Expected logical batch size (Poisson sampling rate = batch_size / records)."
+        64, ge=1, description="Expected logical batch size (Poisson sampling rate = batch_size / records)."
     )
-    micro_batch_size: int = Field(8, ge=1, description="Physical batch size; bounds memory at large logical batches.")
+    micro_batch_size: int = Field(
+        64, ge=1, description="Physical batch size; bounds memory at large logical batches (results do not change)."
+    )
     eval_every: int = Field(0, ge=0, description="Report held-out loss every N steps (0 = only before and after).")
     checkpoint_every: int = Field(
         25, ge=0, description="Write a resumable checkpoint every N steps (0 = only at the end)."

@@ -1,0 +1,630 @@
+"""The ``torch`` ML backend: Hugging Face causal LMs, PEFT LoRA, Opacus DP-SGD.
+
+Training follows Tinker's semantics: losses are summed over tokens and data,
+``forward_backward`` accumulates and ``optim_step`` applies AdamW. Only the
+LoRA parameters are trainable; the base model's weights never change.
+
+Under ``config.dp.enabled`` the model is wrapped in Opacus' ``GradSampleModule``
+(per-sample gradients by hooks) and updates go through Opacus' ``DPOptimizer``:
+after every micro-batch each datum's gradient is clipped to ``max_grad_norm``
+and added to a running sum (``clip_and_accumulate``); ``optim_step`` adds
+Gaussian noise of standard deviation ``noise_multiplier * max_grad_norm`` once
+(``add_noise``), divides by the *expected* batch size (Poisson sampling makes
+the real one random) and steps AdamW. Physical micro-batches therefore never
+change the result, only the memory used. An empty batch still gets its noise.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import secrets
+import struct
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from tensafe import capabilities
+from tensafe.config import RunConfig
+from tensafe.errors import BackendError, UsageError
+from tensafe.interfaces import MLBackend
+from tensafe.types import (
+    LOSS_INPUTS,
+    AdamParams,
+    Datum,
+    ForwardBackwardOutput,
+    LossFnType,
+    ModelInfo,
+    OptimStepResponse,
+    SampledSequence,
+    SampleResponse,
+    SamplingParams,
+    StopReason,
+)
+from tensafe_torch import assets
+
+STATE_MAGIC = b"TENSAFE-TORCH-STATE\x01"
+DEFAULT_MAX_TOKENS = 64
+PPO_CLIP = (0.8, 1.2)
+
+ATTENTION_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "c_attn", "query", "key", "value", "out_proj")
+MLP_NAMES = ("gate_proj", "up_proj", "down_proj", "fc1", "fc2", "c_fc", "dense_h_to_4h", "dense_4h_to_h")
+UNEMBED_NAMES = ("lm_head",)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"model.device is {name!r} but no CUDA device is available")
+    return device
+
+
+def _seeded_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed if seed is not None else secrets.randbits(63))
+    return generator
+
+
+class TorchBackend(MLBackend):
+    """LoRA fine-tuning and sampling of a Hugging Face causal LM with optional DP-SGD."""
+
+    capabilities: ClassVar[frozenset[str]] = frozenset(
+        {capabilities.DP_SGD, capabilities.SEEDED_SAMPLING, capabilities.POLICY_LOSSES, capabilities.STREAMING}
+    )
+
+    def __init__(self) -> None:
+        self._config: RunConfig | None = None
+        self._step = 0
+
+    # -- setup ---------------------------------------------------------------------
+
+    def default_dataset(self) -> Path:
+        return assets.DEFAULT_DATASET
+
+    def _load_base(self, config: RunConfig) -> tuple[Any, Any]:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # TenSafe draws its own progress; weight loading is instant here
+
+        source = config.model.path or str(assets.TINY_MODEL)
+        local = Path(source).expanduser()
+        is_local = local.exists() or source.startswith((".", "/", "~"))
+        if is_local and not (local / "config.json").is_file():
+            raise UsageError(f"model path {source!r} is not a model directory (no config.json)")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(local) if is_local else source, local_files_only=is_local)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(local) if is_local else source, local_files_only=is_local, dtype=DTYPES[config.model.dtype]
+            )
+        except (OSError, ValueError) as exc:
+            hint = "" if is_local else " (hub models need network access; pass a local directory instead)"
+            raise BackendError(f"could not load model {source!r}: {exc}{hint}") from None
+        return tokenizer, model
+
+    def _target_modules(self, model: Any) -> list[str]:
+        lora = self._cfg.lora
+        if lora.target_modules:
+            return list(lora.target_modules)
+        wanted: tuple[str, ...] = ()
+        wanted += ATTENTION_NAMES if lora.train_attn else ()
+        wanted += MLP_NAMES if lora.train_mlp else ()
+        wanted += UNEMBED_NAMES if lora.train_unembed else ()
+        linear = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
+        targets = sorted(linear & set(wanted))
+        if not targets:
+            raise UsageError(
+                f"no LoRA target modules found for this model; set lora.target_modules to some of: {sorted(linear)}"
+            )
+        return targets
+
+    def initialize_model(self, config: RunConfig) -> ModelInfo:
+        from peft import LoraConfig, get_peft_model
+
+        self._config = config
+        self._device = _resolve_device(config.model.device)
+        tokenizer, base = self._load_base(config)
+        base.to(self._device)
+        for param in base.parameters():
+            param.requires_grad_(False)
+        lora = config.lora
+        peft_config = LoraConfig(
+            r=lora.rank,
+            lora_alpha=lora.scaling_alpha,
+            lora_dropout=lora.dropout,
+            target_modules=self._target_modules(base),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        seed = lora.seed if lora.seed is not None else (config.training.seed or 0)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = get_peft_model(base, peft_config)
+        self._tokenizer = tokenizer
+        self._attach(model)
+        self._sampling_generator = _seeded_generator(config.training.seed, self._device)
+        total = sum(p.numel() for p in model.parameters())
+        return ModelInfo(
+            model_name=config.model.path or "tensafe tiny-llama (embedded)",
+            vocab_size=self._vocab_size,
+            eos_token_id=tokenizer.eos_token_id,
+            trainable_parameters=sum(p.numel() for p in self._params),
+            total_parameters=total,
+        )
+
+    def _attach(self, model: Any) -> None:
+        """Wire a (new) PEFT model: optimizer, and the DP machinery when enabled."""
+        cfg = self._cfg
+        self._peft = model
+        self._step = 0
+        self._vocab_size = int(model.get_input_embeddings().num_embeddings)
+        self._max_positions = int(getattr(model.config, "max_position_embeddings", 1 << 30))
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        self._names = [n for n, p in model.named_parameters() if p.requires_grad]
+        adam = cfg.optimizer
+        self._optimizer = torch.optim.AdamW(
+            self._params,
+            lr=adam.learning_rate,
+            betas=(adam.beta1, adam.beta2),
+            eps=adam.eps,
+            weight_decay=adam.weight_decay,
+        )
+        self._dp = None
+        self._forward_module: Any = model
+        if cfg.dp.enabled:
+            from opacus import GradSampleModule
+            from opacus.optimizers import DPOptimizer
+
+            if cfg.dp.noise_multiplier is None:
+                raise BackendError("dp.noise_multiplier must be resolved (calibrated) before the model is initialised")
+            self._forward_module = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+            self._noise_generator = _seeded_generator(None if cfg.dp.secure_rng else cfg.training.seed, self._device)
+            self._dp = DPOptimizer(
+                self._optimizer,
+                noise_multiplier=cfg.dp.noise_multiplier,
+                max_grad_norm=cfg.dp.max_grad_norm,
+                expected_batch_size=cfg.training.batch_size,
+                loss_reduction="sum",
+                generator=self._noise_generator,
+                secure_mode=False,
+            )
+        model.train()
+
+    def _require(self) -> RunConfig:
+        if self._config is None:
+            raise BackendError("the torch backend is not initialised; call initialize_model first")
+        return self._config
+
+    @property
+    def _cfg(self) -> RunConfig:
+        return self._require()
+
+    # -- tokens --------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        self._require()
+        return list(self._tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        self._require()
+        return str(self._tokenizer.decode(list(tokens), skip_special_tokens=True))
+
+    # -- losses --------------------------------------------------------------------
+
+    def _check(self, data: Sequence[Datum], loss_fn: str) -> None:
+        self._require()
+        if loss_fn not in LOSS_INPUTS:
+            raise BackendError(f"unknown loss_fn {loss_fn!r}; known: {', '.join(sorted(LOSS_INPUTS))}")
+        if not data:
+            raise BackendError("empty batch: forward needs at least one datum")
+        for index, datum in enumerate(data):
+            missing = LOSS_INPUTS[loss_fn] - set(datum.loss_fn_inputs) - {"weights"}
+            if missing:
+                raise BackendError(f"datum {index}: loss {loss_fn!r} needs loss_fn_inputs {sorted(missing)}")
+            tokens = [*datum.model_input, *datum.target_tokens]
+            bad = [t for t in tokens if not 0 <= t < self._vocab_size]
+            if bad:
+                raise BackendError(
+                    f"datum {index}: token id {bad[0]} is outside the vocabulary (0..{self._vocab_size - 1})"
+                )
+            if len(datum.model_input) > self._max_positions:
+                raise BackendError(
+                    f"datum {index}: {len(datum.model_input)} tokens exceed the model's {self._max_positions} positions"
+                )
+
+    def _tensors(self, data: Sequence[Datum]) -> dict[str, torch.Tensor]:
+        width = max(len(d.model_input) for d in data)
+        rows = len(data)
+
+        def pad(values: list[list[float]], dtype: torch.dtype) -> torch.Tensor:
+            out = torch.zeros((rows, width), dtype=dtype)
+            for i, row in enumerate(values):
+                out[i, : len(row)] = torch.tensor(row, dtype=dtype)
+            return out.to(self._device)
+
+        mask = [[1.0] * len(d.model_input) for d in data]
+        return {
+            "input_ids": pad([d.model_input for d in data], torch.long),  # type: ignore[misc]
+            "attention_mask": pad(mask, torch.long),
+            "mask": pad(mask, torch.float32),
+            "targets": pad([d.target_tokens for d in data], torch.long),  # type: ignore[misc]
+            "weights": pad([d.values("weights", 1.0) for d in data], torch.float32),
+            "sampler_logprobs": pad([d.values("logprobs", 0.0) for d in data], torch.float32),
+            "advantages": pad([d.values("advantages", 0.0) for d in data], torch.float32),
+        }
+
+    def _loss(
+        self, data: Sequence[Datum], loss_fn: str, loss_fn_config: Mapping[str, float] | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
+        """Per-datum losses, target logprobs (rows, width) and the token mask."""
+        t = self._tensors(data)
+        logits = self._forward_module(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
+        logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, t["targets"].unsqueeze(-1)).squeeze(-1)
+        mask = t["mask"]
+        metrics: dict[str, float] = {}
+        if loss_fn == "cross_entropy":
+            per_datum = -(t["weights"] * logprobs * mask).sum(dim=1)
+        else:
+            config = dict(loss_fn_config or {})
+            ratio = torch.exp(logprobs - t["sampler_logprobs"]) * mask
+            advantages = t["advantages"]
+            if loss_fn == "importance_sampling":
+                per_datum = -(ratio * advantages * mask).sum(dim=1)
+            else:
+                low = float(config.get("clip_low_threshold", PPO_CLIP[0]))
+                high = float(config.get("clip_high_threshold", PPO_CLIP[1]))
+                if not 0 < low <= 1 <= high:
+                    raise BackendError(f"ppo clip thresholds must satisfy 0 < low <= 1 <= high, got {low}, {high}")
+                clipped = torch.clamp(ratio, low, high)
+                objective = torch.minimum(ratio * advantages, clipped * advantages)
+                per_datum = -(objective * mask).sum(dim=1)
+                outside = ((ratio < low) | (ratio > high)).float() * mask
+                metrics["clip_fraction"] = float(outside.sum() / mask.sum().clamp(min=1))
+            with torch.no_grad():
+                tokens = mask.sum().clamp(min=1)
+                log_ratio = (logprobs - t["sampler_logprobs"]) * mask
+                metrics["ratio_mean"] = float(ratio.sum() / tokens)
+                metrics["kl_sampler"] = float(((torch.exp(log_ratio) - 1 - log_ratio) * mask).sum() / tokens)
+        metrics["loss:sum"] = float(per_datum.detach().sum())
+        return per_datum, logprobs, mask, metrics
+
+    def _output(
+        self, loss_fn: str, logprobs: torch.Tensor, data: Sequence[Datum], metrics: dict[str, float]
+    ) -> ForwardBackwardOutput:
+        rows = logprobs.detach().cpu()
+        outputs = [{"logprobs": rows[i, : len(d.model_input)].tolist()} for i, d in enumerate(data)]
+        return ForwardBackwardOutput(loss_fn_output_type=loss_fn, loss_fn_outputs=outputs, metrics=metrics)
+
+    def forward(
+        self, data: Sequence[Datum], loss_fn: LossFnType, loss_fn_config: Mapping[str, float] | None = None
+    ) -> ForwardBackwardOutput:
+        self._check(data, loss_fn)
+        self._peft.eval()
+        try:
+            with torch.no_grad():
+                if self._dp is not None:
+                    # GradSampleModule's hooks are only needed for training.
+                    self._forward_module.disable_hooks()
+                try:
+                    _, logprobs, _, metrics = self._loss(data, loss_fn, loss_fn_config)
+                finally:
+                    if self._dp is not None:
+                        self._forward_module.enable_hooks()
+        finally:
+            self._peft.train()
+        return self._output(loss_fn, logprobs, data, metrics)
+
+    def forward_backward(
+        self, data: Sequence[Datum], loss_fn: LossFnType, loss_fn_config: Mapping[str, float] | None = None
+    ) -> ForwardBackwardOutput:
+        self._check(data, loss_fn)
+        if self._pending_reset:
+            self._clear_gradients()
+        per_datum, logprobs, _, metrics = self._loss(data, loss_fn, loss_fn_config)
+        with warnings.catch_warnings():
+            # Opacus' per-sample hooks sit on LoRA layers whose inputs come from frozen layers; torch
+            # warns that such a hook sees no input gradients, which per-sample gradients do not need.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+            per_datum.sum().backward()
+        if self._dp is not None:
+            # Clip each datum's gradient and add it to the running sum, then drop the
+            # per-sample gradients so the next micro-batch starts clean.
+            self._dp.clip_and_accumulate()
+            for param in self._params:
+                param.grad_sample = None
+                param.grad = None
+        return self._output(loss_fn, logprobs, data, metrics)
+
+    # -- optimizer -------------------------------------------------------------------
+
+    _pending_reset = False
+
+    def _clear_gradients(self) -> None:
+        for param in self._params:
+            param.grad = None
+            if self._dp is not None:
+                param.grad_sample = None
+                param.summed_grad = None
+        self._pending_reset = False
+
+    def optim_step(self, adam_params: AdamParams) -> OptimStepResponse:
+        cfg = self._cfg
+        if self._pending_reset:
+            self._clear_gradients()
+        for group in self._optimizer.param_groups:
+            group.update(
+                lr=adam_params.learning_rate,
+                betas=(adam_params.beta1, adam_params.beta2),
+                eps=adam_params.eps,
+                weight_decay=adam_params.weight_decay,
+            )
+        if self._dp is not None:
+            for param in self._params:
+                if getattr(param, "summed_grad", None) is None:
+                    param.summed_grad = torch.zeros_like(param)  # an empty Poisson batch: noise only
+            self._dp.add_noise()
+            for param in self._params:
+                param.grad /= cfg.training.batch_size
+        else:
+            for param in self._params:
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
+            if adam_params.grad_clip_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self._params, adam_params.grad_clip_norm)
+        grad_norm = float(torch.sqrt(sum((p.grad.float() ** 2).sum() for p in self._params)))
+        self._optimizer.step()
+        self._step += 1
+        # Gradients stay readable until the next forward_backward (tests and diagnostics use them).
+        self._pending_reset = True
+        return OptimStepResponse(step=self._step, metrics={"grad_norm": grad_norm})
+
+    # -- sampling ----------------------------------------------------------------------
+
+    def _generate(
+        self, prompt: Sequence[int], params: SamplingParams, count: int, generator: torch.Generator
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (tokens, logprobs), each of shape (count,), one position at a time."""
+        ids = torch.tensor([list(prompt)] * count, dtype=torch.long, device=self._device)
+        model = self._peft
+        # transformers 5 renamed the KV cache argument and output from past_key_values to cache.
+        cache_name = (
+            "cache" if "cache" in inspect.signature(model.get_base_model().forward).parameters else ("past_key_values")
+        )
+        cache = None
+        step_input = ids
+        for _ in range(self._max_new_tokens(prompt, params)):
+            out = model(input_ids=step_input, use_cache=True, **{cache_name: cache})
+            cache = out[cache_name]
+            logits = out.logits[:, -1, :].float()
+            if params.temperature == 0:
+                token = logits.argmax(dim=-1)
+                logprob = torch.log_softmax(logits, dim=-1).gather(-1, token[:, None]).squeeze(-1)
+            else:
+                logits = logits / params.temperature
+                if params.top_k > 0 and params.top_k < logits.shape[-1]:
+                    kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, -math.inf)
+                probs = torch.softmax(logits, dim=-1)
+                if params.top_p < 1.0:
+                    sorted_probs, order = torch.sort(probs, descending=True, dim=-1)
+                    before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+                    sorted_probs = sorted_probs.masked_fill(before >= params.top_p, 0.0)
+                    probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+                    probs = probs / probs.sum(dim=-1, keepdim=True)
+                token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+                logprob = torch.log(probs.gather(-1, token[:, None]).squeeze(-1))
+            yield token, logprob
+            step_input = token[:, None]
+
+    def _max_new_tokens(self, prompt: Sequence[int], params: SamplingParams) -> int:
+        room = self._max_positions - len(prompt)
+        if room < 1:
+            raise BackendError(f"prompt of {len(prompt)} tokens leaves no room in {self._max_positions} positions")
+        return min(params.max_tokens or DEFAULT_MAX_TOKENS, room)
+
+    def _stops(self, params: SamplingParams) -> tuple[set[int], list[str]]:
+        ids = {int(self._tokenizer.eos_token_id)} if self._tokenizer.eos_token_id is not None else set()
+        texts: list[str] = []
+        stop = params.stop
+        if isinstance(stop, str):
+            texts.append(stop)
+        elif stop:
+            for item in stop:
+                (texts.append(item) if isinstance(item, str) else ids.add(int(item)))  # type: ignore[func-returns-value]
+        return ids, [t for t in texts if t]
+
+    def _check_prompt(self, prompt: Sequence[int]) -> None:
+        if not prompt:
+            raise BackendError("empty prompt: sampling needs at least one prompt token")
+        bad = [t for t in prompt if not 0 <= t < self._vocab_size]
+        if bad:
+            raise BackendError(f"prompt token id {bad[0]} is outside the vocabulary (0..{self._vocab_size - 1})")
+
+    def sample(
+        self, prompts: Sequence[Sequence[int]], sampling_params: SamplingParams, num_samples: int = 1
+    ) -> list[SampleResponse]:
+        self._require()
+        if num_samples < 1:
+            raise BackendError("num_samples must be at least 1")
+        for prompt in prompts:
+            self._check_prompt(prompt)
+        stop_ids, stop_texts = self._stops(sampling_params)
+        generator = (
+            _seeded_generator(sampling_params.seed, self._device)
+            if sampling_params.seed is not None
+            else self._sampling_generator
+        )
+        responses = []
+        self._peft.eval()
+        try:
+            with torch.no_grad():
+                for prompt in prompts:
+                    tokens: list[list[int]] = [[] for _ in range(num_samples)]
+                    logprobs: list[list[float]] = [[] for _ in range(num_samples)]
+                    reasons: list[StopReason | None] = [None] * num_samples
+                    for token, logprob in self._generate(prompt, sampling_params, num_samples, generator):
+                        for i in range(num_samples):
+                            if reasons[i] is not None:
+                                continue
+                            tokens[i].append(int(token[i]))
+                            logprobs[i].append(float(logprob[i]))
+                            if tokens[i][-1] in stop_ids or (
+                                stop_texts and any(s in self.decode(tokens[i]) for s in stop_texts)
+                            ):
+                                reasons[i] = "stop"
+                        if all(r is not None for r in reasons):
+                            break
+                    responses.append(
+                        SampleResponse(
+                            sequences=[
+                                SampledSequence(
+                                    tokens=tokens[i],
+                                    logprobs=logprobs[i],
+                                    stop_reason=reasons[i] or "length",
+                                    text=self.decode(tokens[i]),
+                                )
+                                for i in range(num_samples)
+                            ]
+                        )
+                    )
+        finally:
+            self._peft.train()
+        return responses
+
+    def sample_stream(self, prompt: Sequence[int], sampling_params: SamplingParams) -> Iterator[str]:
+        """Yield the text of one continuation piece by piece, as it is generated."""
+        self._require()
+        self._check_prompt(prompt)
+        stop_ids, stop_texts = self._stops(sampling_params)
+        generator = (
+            _seeded_generator(sampling_params.seed, self._device)
+            if sampling_params.seed is not None
+            else self._sampling_generator
+        )
+        tokens: list[int] = []
+        shown = ""
+        self._peft.eval()
+        try:
+            with torch.no_grad():
+                for token, _ in self._generate(prompt, sampling_params, 1, generator):
+                    tokens.append(int(token[0]))
+                    text = self.decode(tokens)
+                    if text.startswith(shown) and len(text) > len(shown):
+                        yield text[len(shown) :]
+                        shown = text
+                    if tokens[-1] in stop_ids or (stop_texts and any(s in text for s in stop_texts)):
+                        break
+        finally:
+            self._peft.train()
+
+    # -- state -----------------------------------------------------------------------
+
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        tensors: dict[str, torch.Tensor] = {}
+        for name, param in zip(self._names, self._params, strict=True):
+            tensors[f"param.{name}"] = param.detach().cpu().contiguous()
+            state = self._optimizer.state.get(param, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    tensors[f"adam.{key}.{name}"] = state[key].detach().cpu().contiguous()
+        tensors["rng.sampling"] = self._sampling_generator.get_state()
+        if self._dp is not None:
+            tensors["rng.noise"] = self._noise_generator.get_state()
+        return tensors
+
+    def save_state(self) -> bytes:
+        from safetensors.torch import save
+
+        cfg = self._cfg
+        adam_steps = {
+            name: float(self._optimizer.state[p]["step"])
+            for name, p in zip(self._names, self._params, strict=True)
+            if "step" in self._optimizer.state.get(p, {})
+        }
+        header = json.dumps(
+            {
+                "step": self._step,
+                "adam_steps": adam_steps,
+                "lora": cfg.lora.model_dump(),
+                "model": cfg.model.path,
+                "dp": cfg.dp.enabled,
+            }
+        ).encode()
+        payload = save(self._state_tensors())
+        return STATE_MAGIC + struct.pack("<Q", len(header)) + header + payload
+
+    def load_state(self, state: bytes) -> int:
+        from safetensors.torch import load
+
+        cfg = self._cfg
+        try:
+            if not state.startswith(STATE_MAGIC):
+                raise ValueError("not a tensafe-torch state")
+            offset = len(STATE_MAGIC)
+            (length,) = struct.unpack_from("<Q", state, offset)
+            header = json.loads(state[offset + 8 : offset + 8 + length])
+            tensors = load(state[offset + 8 + length :])
+        except (ValueError, struct.error, UnicodeDecodeError) as exc:
+            raise BackendError(f"cannot read training state: {exc}") from None
+        if header.get("lora") != cfg.lora.model_dump() or header.get("model") != cfg.model.path:
+            raise BackendError("the training state was saved with another model or LoRA configuration")
+        if bool(header.get("dp")) != cfg.dp.enabled:
+            raise BackendError("the training state and the config disagree on dp.enabled")
+        allowed = {"rng.sampling", "rng.noise"} | {
+            f"{kind}.{name}" for name in self._names for kind in ("param", "adam.exp_avg", "adam.exp_avg_sq")
+        }
+        if set(tensors) - allowed or any(f"param.{n}" not in tensors for n in self._names):
+            raise BackendError("the training state does not match this model's adapter parameters")
+        with torch.no_grad():
+            for name, param in zip(self._names, self._params, strict=True):
+                saved = tensors[f"param.{name}"]
+                if saved.shape != param.shape:
+                    raise BackendError(f"state tensor {name} has shape {tuple(saved.shape)}, not {tuple(param.shape)}")
+                param.copy_(saved.to(param.device, param.dtype))
+                if f"adam.exp_avg.{name}" in tensors:
+                    self._optimizer.state[param] = {
+                        "step": torch.tensor(header["adam_steps"][name]),
+                        "exp_avg": tensors[f"adam.exp_avg.{name}"].to(param.device),
+                        "exp_avg_sq": tensors[f"adam.exp_avg_sq.{name}"].to(param.device),
+                    }
+                else:
+                    self._optimizer.state.pop(param, None)
+        self._sampling_generator.set_state(tensors["rng.sampling"])
+        if self._dp is not None and "rng.noise" in tensors:
+            self._noise_generator.set_state(tensors["rng.noise"])
+        self._clear_gradients()
+        self._step = int(header["step"])
+        return self._step
+
+    # -- adapters ----------------------------------------------------------------------
+
+    def export_adapter(self, directory: Path) -> list[Path]:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self._peft.save_pretrained(str(directory), safe_serialization=True)
+        files = [directory / "adapter_config.json", directory / "adapter_model.safetensors"]
+        missing = [f for f in files if not f.is_file()]
+        if missing:
+            raise BackendError(f"PEFT did not write {missing}")
+        return files
+
+    def load_adapter(self, directory: Path) -> None:
+        from peft import PeftModel
+
+        directory = Path(directory)
+        if not (directory / "adapter_config.json").is_file():
+            raise UsageError(f"{directory} is not a PEFT adapter directory (no adapter_config.json)")
+        base = self._peft.unload()
+        try:
+            model = PeftModel.from_pretrained(base, str(directory), is_trainable=True)
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            raise BackendError(f"cannot load adapter {directory} onto this model: {exc}") from None
+        model.to(self._device)
+        self._attach(model)
