@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from tensafe import capabilities
 from tensafe.audit import AuditEvent
-from tensafe.config import RunConfig
+from tensafe.config import DPConfig, RunConfig
 from tensafe.data import PoissonSampler, Record, load_records, split_records, tokenize_record
 from tensafe.errors import BackendError, PrivacyBudgetExceeded, StepVetoed, UsageError
 from tensafe.plugins import TensafePluginManager, create_plugin_manager
@@ -356,22 +356,26 @@ class TenSafeOrchestrator:
         return [r.prompt for r in run.eval_records[:EVAL_SAMPLES] if r.prompt]
 
     def _inference_backend(self, adapter: Path | None) -> MLBackend:
+        if adapter is not None and not Path(adapter).is_dir():
+            raise UsageError(f"adapter directory not found: {adapter}")
         backend = self.registry.ml_backend(self.config.backend)
-        backend.initialize_model(self.config)
+        # Inference never trains, so the model is loaded without the DP-SGD machinery.
+        backend.initialize_model(self.config.model_copy(update={"dp": DPConfig(enabled=False)}))
         if adapter is not None:
-            if not Path(adapter).is_dir():
-                raise UsageError(f"adapter directory not found: {adapter}")
             backend.load_adapter(Path(adapter))
         return backend
 
     def stream(self, prompt: str, *, adapter: Path | None = None) -> Iterator[str]:
-        """Yield generated text as it comes; backends without streaming yield it whole."""
+        """Generated text as it comes (whole, for backends without streaming).
+
+        The backend is resolved and loaded before this returns, so errors surface
+        before the first piece of text.
+        """
         backend = self._inference_backend(adapter)
         self.audit("inference.generate", self.config.backend, prompts=1, adapter=str(adapter or ""))
         if capabilities.has(backend, capabilities.STREAMING):
-            yield from backend.sample_stream(backend.encode(prompt), self.config.sampling)
-        else:
-            yield self.sample_text(backend, [prompt], self.config.sampling)[0].sequences[0].text
+            return backend.sample_stream(backend.encode(prompt), self.config.sampling)
+        return iter([self.sample_text(backend, [prompt], self.config.sampling)[0].sequences[0].text])
 
     def generate(
         self,

@@ -16,6 +16,7 @@ change the result, only the memory used. An empty batch still gets its noise.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import math
@@ -55,6 +56,14 @@ ATTENTION_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "c_attn",
 MLP_NAMES = ("gate_proj", "up_proj", "down_proj", "fc1", "fc2", "c_fc", "dense_h_to_4h", "dense_4h_to_h")
 UNEMBED_NAMES = ("lm_head",)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@contextlib.contextmanager
+def _quiet_peft() -> Iterator[None]:
+    """peft calls a transformers property that transformers 5 deprecated; that is not the user's concern."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -144,7 +153,7 @@ class TorchBackend(MLBackend):
             task_type="CAUSAL_LM",
         )
         seed = lora.seed if lora.seed is not None else (config.training.seed or 0)
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), _quiet_peft():
             torch.manual_seed(seed)
             model = get_peft_model(base, peft_config)
         self._tokenizer = tokenizer
@@ -623,7 +632,8 @@ class TorchBackend(MLBackend):
             raise UsageError(f"{directory} is not a PEFT adapter directory (no adapter_config.json)")
         base = self._peft.unload()
         try:
-            model = PeftModel.from_pretrained(base, str(directory), is_trainable=True)
+            with _quiet_peft():
+                model = PeftModel.from_pretrained(base, str(directory), is_trainable=True)
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
             raise BackendError(f"cannot load adapter {directory} onto this model: {exc}") from None
         model.to(self._device)

@@ -292,8 +292,9 @@ def inference_cmd(
     orchestrator = TenSafeOrchestrator(config, plugin_manager=plugin_manager(ctx))
     if not as_json and num_samples == 1:
         for prompt in prompts:
+            pieces = orchestrator.stream(prompt, adapter=adapter)
             click.echo(prompt, nl=False)
-            for piece in orchestrator.stream(prompt, adapter=adapter):
+            for piece in pieces:
                 click.echo(piece, nl=False)
             click.echo()
         return
