@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+from tests.core.test_plugins import run_cli
+
 CORE_ENV_SCRIPT = """
 import json, sys
 import tensafe, tensafe.cli.main, tensafe.config, tensafe.orchestrator
@@ -14,15 +16,8 @@ print(json.dumps(sorted(m for m in ("torch", "transformers", "Pyfhel", "numpy") 
 
 
 def tensafe(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {"PATH": "", "TENSAFE_LOAD_PLUGINS": "", "PYTHONDONTWRITEBYTECODE": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "tensafe.cli.main", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-        check=False,
-    )
+    """The CLI with every entry-point plugin switched off: what a core-only install sees."""
+    return run_cli(*args, env={"TENSAFE_LOAD_PLUGINS": ""})
 
 
 def test_run_exits_2_naming_the_distribution_to_install() -> None:

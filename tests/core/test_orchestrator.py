@@ -164,7 +164,7 @@ def test_generate_with_an_exported_adapter(pm: TensafePluginManager, qa_dataset:
     tuned = orchestrator.generate(["item 3: colour?"], adapter=adapter)[0].sequences[0]
     base = orchestrator.generate(["item 3: colour?"])[0].sequences[0]
     assert tuned.tokens != base.tokens
-    with pytest.raises(UsageError, match="adapter directory not found"):
+    with pytest.raises(UsageError, match="adapter not found"):
         orchestrator.generate(["x"], adapter=tmp_path / "absent")
 
 

@@ -127,13 +127,14 @@ class HEConfig(_Section):
 
 
 class TGSPConfig(_Section):
-    """Signed, encrypted adapter packages."""
+    """Signed, encrypted adapter packages (tensafe-tgsp): written by runs, opened for inference."""
 
     loader: str = Field("tgsp", description="Registered TGSP loader (tensafe-tgsp provides 'tgsp').")
-    output: Path | None = Field(None, description="Write the trained adapter as this .tgsp package.")
-    signing_key: Path | None = Field(None, description="Producer's private signing key.")
-    recipients: list[Path] = Field(default_factory=list, description="Recipients' public keys.")
-    trusted_signers: list[Path] = Field(default_factory=list, description="Signers whose packages may be loaded.")
+    signing_key: Path | None = Field(None, description="Producer's private signing key; set it to package runs.")
+    recipients: list[Path] = Field(default_factory=list, description="Public keys of those who may open the package.")
+    output: Path | None = Field(None, description="Package path; None = adapter.tgsp in the run directory.")
+    recipient_key: Path | None = Field(None, description="Your private recipient key, to open packages.")
+    trusted_signers: list[Path] = Field(default_factory=list, description="Signers whose packages may be opened.")
 
 
 class RunConfig(_Section):
@@ -245,4 +246,12 @@ def load_config(path: str | Path | None = None, *, environ: Mapping[str, str] | 
         config.data.path = base / config.data.path
     if "output_dir" in data and not config.output_dir.is_absolute():
         config.output_dir = base / config.output_dir
+    if config.tgsp is not None:
+        tgsp = config.tgsp
+        for name in ("signing_key", "output", "recipient_key"):
+            value = getattr(tgsp, name)
+            if value is not None and not value.is_absolute():
+                setattr(tgsp, name, base / value)
+        tgsp.recipients = [p if p.is_absolute() else base / p for p in tgsp.recipients]
+        tgsp.trusted_signers = [p if p.is_absolute() else base / p for p in tgsp.trusted_signers]
     return config

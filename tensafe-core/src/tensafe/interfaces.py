@@ -206,9 +206,27 @@ class HEBackend(abc.ABC):
 
 
 class TGSPLoader(abc.ABC):
-    """Opens TGSP adapter packages: verify first, then decrypt."""
+    """Writes and opens TGSP adapter packages: signed, encrypted, carrying a privacy certificate.
+
+    Opening always verifies first (signatures by a trusted signer, hashes,
+    policy) and only then decrypts; nothing unverified reaches a model.
+    """
 
     capabilities: ClassVar[frozenset[str]] = frozenset()
+
+    @abc.abstractmethod
+    def pack(
+        self,
+        source: Path,
+        output: Path,
+        *,
+        signing_key: Path,
+        recipients: Sequence[Path],
+        base_model: str,
+        lora_config: Mapping[str, Any] | None = None,
+        privacy_certificate: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Package the adapter directory ``source`` into ``output``; returns the manifest."""
 
     @abc.abstractmethod
     def inspect(self, path: Path) -> dict[str, Any]:
@@ -220,9 +238,24 @@ class TGSPLoader(abc.ABC):
 
     @abc.abstractmethod
     def load(
-        self, path: Path, *, recipient_key: Path, trusted_signers: Sequence[Path], destination: Path
+        self,
+        path: Path,
+        *,
+        recipient_key: Path,
+        trusted_signers: Sequence[Path],
+        destination: Path,
+        allow_untrusted_signer: bool = False,
+        base_model: str | None = None,
     ) -> dict[str, Any]:
-        """Verify, then decrypt the adapter files into ``destination``; returns the manifest."""
+        """Verify, then decrypt the adapter files into ``destination``; returns the manifest.
+
+        ``base_model`` is the model the adapter will be applied to; the package's
+        policy (allowed base models) is checked against it.
+
+        ``allow_untrusted_signer`` accepts a package whose signatures are valid
+        but whose signer is not among ``trusted_signers``: an explicit, loud
+        override for the user who knows where the package came from.
+        """
 
 
 @runtime_checkable

@@ -13,6 +13,7 @@ import json
 import math
 import random
 import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -38,6 +39,14 @@ CHECKPOINT_FORMAT = "tensafe-checkpoint-1"
 BACKEND_STATE = "backend_state.bin"
 PROGRESS = "progress.json"
 CHECKPOINT_DIR = "checkpoint"
+
+
+EMBEDDED_MODEL_ID = "tensafe-embedded-tiny-llama"
+
+
+def base_model_id(config: RunConfig) -> str:
+    """How packages name the base model: its path or hub id, or the embedded model's id."""
+    return config.model.path or EMBEDDED_MODEL_ID
 
 
 def _rng_state(rng: random.Random) -> list[Any] | None:
@@ -133,6 +142,8 @@ class TenSafeOrchestrator:
     def __init__(self, config: RunConfig | None = None, *, plugin_manager: TensafePluginManager | None = None) -> None:
         self.config = config if config is not None else RunConfig()
         self.pm = plugin_manager if plugin_manager is not None else create_plugin_manager()
+        #: Accept .tgsp packages whose (valid) signer is not trusted; set only on the user's explicit request.
+        self.allow_untrusted_signer = False
 
     @property
     def registry(self) -> Registry:
@@ -177,6 +188,7 @@ class TenSafeOrchestrator:
                 f"ML backend {cfg.backend!r} does not implement DP-SGD; use a backend that does, "
                 "or set dp.enabled: false (and give up every privacy claim)"
             )
+        self._check_packaging()
         train_records, eval_records = split_records(self._records(backend), cfg.data.eval_fraction)
         privacy = self._privacy(len(train_records))
         if privacy is not None and cfg.dp.noise_multiplier is None:
@@ -335,6 +347,70 @@ class TenSafeOrchestrator:
             raise UsageError("no prompts given")
         return backend.sample([backend.encode(p) for p in prompts], sampling, num_samples)
 
+    # -- packages -------------------------------------------------------------
+
+    def _packaging(self) -> bool:
+        return self.config.tgsp is not None and self.config.tgsp.signing_key is not None
+
+    def _check_packaging(self) -> None:
+        """Fail before training, not after it, when a configured package cannot be written."""
+        if not self._packaging():
+            return
+        tgsp = self.config.tgsp
+        assert tgsp is not None and tgsp.signing_key is not None
+        if not tgsp.recipients:
+            raise UsageError("tgsp.recipients: name at least one recipient public key to encrypt the package to")
+        for key in (tgsp.signing_key, *tgsp.recipients):
+            if not key.is_file():
+                raise UsageError(f"key file not found: {key}")
+        self.registry.registration("tgsp_loader", tgsp.loader)
+
+    def _package(self, run: TrainingRun, run_dir: Path) -> dict[str, Any]:
+        """Sign and encrypt the exported adapter with its privacy certificate."""
+        tgsp = run.config.tgsp
+        assert tgsp is not None and tgsp.signing_key is not None
+        loader = self.registry.tgsp_loader(tgsp.loader)
+        output = tgsp.output or run_dir / "adapter.tgsp"
+        certificate = None
+        if run.privacy is not None:
+            certificate = {**run.privacy.certificate(), "max_grad_norm": run.config.dp.max_grad_norm}
+        manifest = loader.pack(
+            run_dir / "adapter",
+            output,
+            signing_key=tgsp.signing_key,
+            recipients=tgsp.recipients,
+            base_model=base_model_id(run.config),
+            lora_config=run.config.lora.model_dump(),
+            privacy_certificate=certificate,
+        )
+        self.audit("artifact.package", str(output), package_id=manifest.get("package_id"))
+        return {"path": str(output), "package_id": manifest.get("package_id")}
+
+    def _open_package(self, package: Path, destination: Path, allow_untrusted_signer: bool) -> dict[str, Any]:
+        tgsp = self.config.tgsp
+        if tgsp is None or tgsp.recipient_key is None:
+            raise UsageError("opening a .tgsp package needs your recipient key (tgsp.recipient_key / --recipient-key)")
+        if not tgsp.trusted_signers and not allow_untrusted_signer:
+            raise UsageError(
+                "opening a .tgsp package needs the signer keys you trust (tgsp.trusted_signers / --trusted)"
+            )
+        loader = self.registry.tgsp_loader(tgsp.loader)
+        manifest = loader.load(
+            package,
+            recipient_key=tgsp.recipient_key,
+            trusted_signers=tgsp.trusted_signers,
+            destination=destination,
+            allow_untrusted_signer=allow_untrusted_signer,
+            base_model=base_model_id(self.config),
+        )
+        self.audit(
+            "artifact.open",
+            str(package),
+            package_id=manifest.get("package_id"),
+            untrusted_signer_allowed=allow_untrusted_signer,
+        )
+        return manifest
+
     def _probe(self, run: TrainingRun, probe: list[Datum]) -> list[float]:
         return run.backend.forward(probe, "cross_entropy").loss_fn_outputs[0]["logprobs"] if probe else []
 
@@ -356,12 +432,17 @@ class TenSafeOrchestrator:
         return [r.prompt for r in run.eval_records[:EVAL_SAMPLES] if r.prompt]
 
     def _inference_backend(self, adapter: Path | None) -> MLBackend:
-        if adapter is not None and not Path(adapter).is_dir():
-            raise UsageError(f"adapter directory not found: {adapter}")
+        package = adapter is not None and Path(adapter).is_file()
+        if adapter is not None and not package and not Path(adapter).is_dir():
+            raise UsageError(f"adapter not found (a PEFT directory or a .tgsp package): {adapter}")
         backend = self.registry.ml_backend(self.config.backend)
         # Inference never trains, so the model is loaded without the DP-SGD machinery.
         backend.initialize_model(self.config.model_copy(update={"dp": DPConfig(enabled=False)}))
-        if adapter is not None:
+        if adapter is not None and package:
+            with tempfile.TemporaryDirectory(prefix="tensafe-adapter-") as scratch:
+                self._open_package(Path(adapter), Path(scratch) / "adapter", self.allow_untrusted_signer)
+                backend.load_adapter(Path(scratch) / "adapter")
+        elif adapter is not None:
             backend.load_adapter(Path(adapter))
         return backend
 
@@ -443,6 +524,7 @@ class TenSafeOrchestrator:
             after = self.held_out_loss(run) if evaluate else None
             samples_after = self.sample_text(run.backend, prompts, cfg.sampling) if prompts else []
             files = run.backend.export_adapter(run_dir / "adapter")
+            package = self._package(run, run_dir) if self._packaging() else None
             report.update(
                 status="completed",
                 backend=cfg.backend,
@@ -459,6 +541,7 @@ class TenSafeOrchestrator:
                     for p, b, a in zip(prompts, samples_before, samples_after, strict=True)
                 ],
                 adapter_files=[str(f) for f in files],
+                package=package,
                 checkpoint=str(checkpoint),
                 config=json.loads(run.config.model_dump_json()),
                 seconds=round(time.time() - started, 2),

@@ -449,6 +449,10 @@ class TorchBackend(MLBackend):
                 (texts.append(item) if isinstance(item, str) else ids.add(int(item)))  # type: ignore[func-returns-value]
         return ids, [t for t in texts if t]
 
+    def _generator_for(self, params: SamplingParams) -> torch.Generator:
+        """A fresh generator for a seeded request; otherwise the backend's own (saved with its state)."""
+        return _seeded_generator(params.seed, self._device) if params.seed is not None else self._sampling_generator
+
     def _check_prompt(self, prompt: Sequence[int]) -> None:
         if not prompt:
             raise BackendError("empty prompt: sampling needs at least one prompt token")
@@ -465,11 +469,7 @@ class TorchBackend(MLBackend):
         for prompt in prompts:
             self._check_prompt(prompt)
         stop_ids, stop_texts = self._stops(sampling_params)
-        generator = (
-            _seeded_generator(sampling_params.seed, self._device)
-            if sampling_params.seed is not None
-            else self._sampling_generator
-        )
+        generator = self._generator_for(sampling_params)
         responses = []
         self._peft.eval()
         try:
@@ -512,11 +512,7 @@ class TorchBackend(MLBackend):
         self._require()
         self._check_prompt(prompt)
         stop_ids, stop_texts = self._stops(sampling_params)
-        generator = (
-            _seeded_generator(sampling_params.seed, self._device)
-            if sampling_params.seed is not None
-            else self._sampling_generator
-        )
+        generator = self._generator_for(sampling_params)
         tokens: list[int] = []
         shown = ""
         self._peft.eval()

@@ -28,6 +28,8 @@ def _load(config_file: Path | None, **overrides: Any) -> Any:
         node = data
         *parents, leaf = dotted.split(".")
         for part in parents:
+            if node.get(part) is None:
+                node[part] = {}
             node = node[part]
         node[leaf] = value
         changed = True
@@ -246,7 +248,14 @@ def train_cmd(
 @click.command("inference")
 @CONFIG_ARG
 @click.option("-p", "--prompt", "prompts", multiple=True, required=True, help="Prompt text (repeatable).")
-@click.option("--adapter", type=click.Path(path_type=Path), help="Adapter directory written by a run.")
+@click.option(
+    "--adapter", type=click.Path(path_type=Path), help="A run's adapter directory, or a signed .tgsp package."
+)
+@click.option("--recipient-key", type=click.Path(path_type=Path), help="Your private recipient key (.tgsp only).")
+@click.option("--trusted", "trusted", multiple=True, type=click.Path(path_type=Path),
+              help="Public key of a signer you trust (.tgsp only; repeatable).")
+@click.option("--insecure-allow-untrusted-signer", "allow_untrusted", is_flag=True,
+              help="Open a .tgsp package signed by a key you do NOT trust. Anyone could have made it.")
 @click.option("--max-tokens", type=int, help="Most tokens to generate.")
 @click.option("--temperature", type=float, help="0 = greedy.")
 @click.option("--top-p", type=float, help="Nucleus sampling mass.")
@@ -271,6 +280,9 @@ def inference_cmd(
     stop: tuple[str, ...],
     num_samples: int,
     as_json: bool,
+    recipient_key: Path | None,
+    trusted: tuple[Path, ...],
+    allow_untrusted: bool,
 ) -> None:
     """Generate text from a base model, with or without a trained adapter.
 
@@ -287,9 +299,15 @@ def inference_cmd(
             "sampling.top_k": top_k,
             "sampling.seed": seed,
             "sampling.stop": list(stop) or None,
+            "tgsp.recipient_key": recipient_key,
+            "tgsp.trusted_signers": list(trusted) or None,
         },
     )
     orchestrator = TenSafeOrchestrator(config, plugin_manager=plugin_manager(ctx))
+    if allow_untrusted:
+        click.echo("WARNING: --insecure-allow-untrusted-signer: the package's signer is NOT verified as "
+                   "anyone you trust; its contents could come from anyone.", err=True)
+        orchestrator.allow_untrusted_signer = True
     if not as_json and num_samples == 1:
         for prompt in prompts:
             pieces = orchestrator.stream(prompt, adapter=adapter)
