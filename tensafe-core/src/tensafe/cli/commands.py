@@ -252,10 +252,19 @@ def train_cmd(
     "--adapter", type=click.Path(path_type=Path), help="A run's adapter directory, or a signed .tgsp package."
 )
 @click.option("--recipient-key", type=click.Path(path_type=Path), help="Your private recipient key (.tgsp only).")
-@click.option("--trusted", "trusted", multiple=True, type=click.Path(path_type=Path),
-              help="Public key of a signer you trust (.tgsp only; repeatable).")
-@click.option("--insecure-allow-untrusted-signer", "allow_untrusted", is_flag=True,
-              help="Open a .tgsp package signed by a key you do NOT trust. Anyone could have made it.")
+@click.option(
+    "--trusted",
+    "trusted",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Public key of a signer you trust (.tgsp only; repeatable).",
+)
+@click.option(
+    "--insecure-allow-untrusted-signer",
+    "allow_untrusted",
+    is_flag=True,
+    help="Open a .tgsp package signed by a key you do NOT trust. Anyone could have made it.",
+)
 @click.option("--max-tokens", type=int, help="Most tokens to generate.")
 @click.option("--temperature", type=float, help="0 = greedy.")
 @click.option("--top-p", type=float, help="Nucleus sampling mass.")
@@ -305,8 +314,11 @@ def inference_cmd(
     )
     orchestrator = TenSafeOrchestrator(config, plugin_manager=plugin_manager(ctx))
     if allow_untrusted:
-        click.echo("WARNING: --insecure-allow-untrusted-signer: the package's signer is NOT verified as "
-                   "anyone you trust; its contents could come from anyone.", err=True)
+        click.echo(
+            "WARNING: --insecure-allow-untrusted-signer: the package's signer is NOT verified as "
+            "anyone you trust; its contents could come from anyone.",
+            err=True,
+        )
         orchestrator.allow_untrusted_signer = True
     if not as_json and num_samples == 1:
         for prompt in prompts:
