@@ -19,10 +19,12 @@ from __future__ import annotations
 from tensafe.testing.accountant import PrivacyAccountantConformance
 from tensafe.testing.ml_backend import MLBackendConformance
 from tensafe.testing.support import fresh_plugin_manager, requires_capability
+from tensafe.testing.tgsp_loader import TGSPLoaderConformance
 
 __all__ = [
     "MLBackendConformance",
     "PrivacyAccountantConformance",
+    "TGSPLoaderConformance",
     "fresh_plugin_manager",
     "requires_capability",
 ]
