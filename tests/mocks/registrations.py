@@ -31,7 +31,11 @@ class GreetCommandPlugin:
             """Say hello (a plugin command)."""
             click.echo(f"hello, {name}")
 
-        register("greet", lambda: greet)
+        def factory() -> click.Command:
+            """Say hello (a plugin command)."""
+            return greet
+
+        register("greet", factory)
 
 
 class ExplodingRegistrar:

@@ -8,6 +8,7 @@ from tensafe.hookspecs import Register, hookimpl
 @hookimpl
 def tensafe_register_commands(register: Register) -> None:
     def config_group() -> object:
+        """Validate and show run configurations (YAML, TOML or JSON)."""
         from tensafe.cli.config_cmd import config
 
         return config

@@ -31,6 +31,7 @@ def tensafe_register_accountants(register: Register) -> None:
 @hookimpl
 def tensafe_register_commands(register: Register) -> None:
     def privacy_group() -> object:
+        """Privacy accounting for DP-SGD: epsilon, noise calibration, step planning."""
         from tensafe_privacy.cli import privacy
 
         return privacy

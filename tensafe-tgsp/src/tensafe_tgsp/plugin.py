@@ -24,6 +24,7 @@ def tensafe_register_tgsp_loaders(register: Register) -> None:
 @hookimpl
 def tensafe_register_commands(register: Register) -> None:
     def tgsp_group() -> object:
+        """Signed, encrypted adapter packages: keygen, pack, verify, inspect, unpack."""
         from tensafe_tgsp.cli import tgsp
 
         return tgsp

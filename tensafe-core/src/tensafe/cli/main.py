@@ -46,6 +46,24 @@ class TensafeGroup(click.Group):
             return command
         return None
 
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """List commands without building plugin commands (that would import their heavy libraries):
+        a plugin command's help line is the first line of its factory's docstring."""
+        plugins = self._plugin_commands(ctx)
+        rows = []
+        for name in self.list_commands(ctx):
+            if name in self.commands:
+                if self.commands[name].hidden:
+                    continue
+                rows.append((name, self.commands[name].get_short_help_str(limit=formatter.width - 20)))
+            else:
+                reg = plugins[name]
+                doc = (reg.factory.__doc__ or "").strip().splitlines()
+                rows.append((name, doc[0] if doc else f"(from plugin {reg.plugin})"))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
