@@ -56,6 +56,11 @@ def _rng_state(rng: random.Random) -> list[Any] | None:
     return [version, list(internal), gauss]
 
 
+def _weight_total(data: Sequence[Datum]) -> float:
+    """How many tokens a batch's cross-entropy loss counts (its summed weights)."""
+    return sum(sum(d.values("weights", 1.0)) for d in data)
+
+
 def _restore_rng(rng: random.Random, state: list[Any] | None) -> None:
     if state is not None:
         rng.setstate((state[0], tuple(state[1]), state[2]))
@@ -225,7 +230,7 @@ class TenSafeOrchestrator:
         for start in range(0, len(run.eval_data), size):
             out = run.backend.forward(run.eval_data[start : start + size], "cross_entropy")
             total += out.metrics["loss:sum"]
-            tokens += sum(sum(d.values("weights", 1.0)) for d in run.eval_data[start : start + size])
+            tokens += _weight_total(run.eval_data[start : start + size])
         return total / tokens if tokens else None
 
     def train_step(self, run: TrainingRun) -> dict[str, float]:
@@ -260,7 +265,7 @@ class TenSafeOrchestrator:
             micro = batch[start : start + size]
             out = run.backend.forward_backward(micro, "cross_entropy")
             loss_sum += out.metrics["loss:sum"]
-            tokens += sum(sum(d.values("weights", 1.0)) for d in micro)
+            tokens += _weight_total(micro)
         result = run.backend.optim_step(cfg.optimizer)
         run.step = result.step
         metrics: dict[str, float] = {"batch_size": float(len(batch)), "loss": loss_sum / tokens if tokens else math.nan}

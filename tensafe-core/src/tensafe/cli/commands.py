@@ -188,58 +188,50 @@ def _training_options(func: Any) -> Any:
     return CONFIG_ARG(func)
 
 
-@click.command("run")
-@_training_options
-@click.pass_context
-def run_cmd(
-    ctx: click.Context,
-    config_file: Path | None,
-    steps: int | None,
-    output_dir: Path | None,
-    run_name: str | None,
-    as_json: bool,
-    resume: Path | None,
-) -> None:
-    """Run the whole pipeline: train a LoRA adapter with DP-SGD, measure held-out
+def _training_command(name: str, *, evaluate: bool, help_text: str) -> click.Command:
+    """``tensafe run`` and ``tensafe train``: one pipeline, with or without before/after evaluation."""
+
+    @click.pass_context
+    def command(
+        ctx: click.Context,
+        config_file: Path | None,
+        steps: int | None,
+        output_dir: Path | None,
+        run_name: str | None,
+        as_json: bool,
+        resume: Path | None,
+    ) -> None:
+        _train(
+            ctx,
+            config_file,
+            evaluate=evaluate,
+            as_json=as_json,
+            resume=resume,
+            **{"training.steps": steps, "output_dir": output_dir, "run_name": run_name},
+        )
+
+    command.__doc__ = help_text
+    return click.command(name)(_training_options(command))
+
+
+run_cmd = _training_command(
+    "run",
+    evaluate=True,
+    help_text="""Run the whole pipeline: train a LoRA adapter with DP-SGD, measure held-out
     loss and sample completions before and after, and write the adapter and a
     report to a run directory.
 
     With no CONFIG, trains the ML backend's embedded tiny model on its embedded
     dataset (no network). CONFIG is a YAML, TOML or JSON file; see
     `tensafe config show` for every setting.
-    """
-    _train(
-        ctx,
-        config_file,
-        evaluate=True,
-        as_json=as_json,
-        resume=resume,
-        **{"training.steps": steps, "output_dir": output_dir, "run_name": run_name},
-    )
-
-
-@click.command("train")
-@_training_options
-@click.pass_context
-def train_cmd(
-    ctx: click.Context,
-    config_file: Path | None,
-    steps: int | None,
-    output_dir: Path | None,
-    run_name: str | None,
-    as_json: bool,
-    resume: Path | None,
-) -> None:
-    """Train only: DP-SGD on Poisson-sampled batches, then write the adapter,
-    the training state and the report (no before/after evaluation)."""
-    _train(
-        ctx,
-        config_file,
-        evaluate=False,
-        as_json=as_json,
-        resume=resume,
-        **{"training.steps": steps, "output_dir": output_dir, "run_name": run_name},
-    )
+    """,
+)
+train_cmd = _training_command(
+    "train",
+    evaluate=False,
+    help_text="""Train only: DP-SGD on Poisson-sampled batches, then write the adapter,
+    the training state and the report (no before/after evaluation).""",
+)
 
 
 # -- inference ----------------------------------------------------------------
