@@ -30,6 +30,9 @@ PLUGIN_TESTS = {
 LOCAL_DEPENDENCIES = {"tensafe-torch": ["./tensafe-privacy"]}
 #: Installed first: the CPU build of torch, so that no multi-GB CUDA build is pulled in.
 PREINSTALL = {"tensafe-torch": ["torch==2.13.0"]}
+#: Distributions whose dependencies include Pyfhel, which installs from the cached wheel (see _install_pyfhel).
+NEEDS_PYFHEL = {"tensafe-he-seal"}
+PYFHEL = "pyfhel==3.5.0"
 PRESENT = [dist for dist in PLUGIN_TESTS if (ROOT / dist / "pyproject.toml").is_file()]
 nox.options.sessions += [f"plugin({dist})" for dist in PRESENT]
 if "tensafe-torch" in PRESENT:
@@ -43,6 +46,15 @@ CORE_ONLY_TESTS = [
 ]
 
 
+def _install_pyfhel(session: nox.Session) -> None:
+    """Pyfhel from the offline wheel cache, building the wheel once (tensafe-he-seal/scripts/build_pyfhel_wheel.sh)."""
+    python = str(Path(session.virtualenv.bin) / "python")
+    script = str(ROOT / "tensafe-he-seal" / "scripts" / "build_pyfhel_wheel.sh")
+    cache = session.run("bash", script, python, external=True, silent=True)
+    assert isinstance(cache, str)
+    session.install("--find-links", cache.strip().splitlines()[-1], PYFHEL)
+
+
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff lint and format check over the whole tree."""
@@ -54,7 +66,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """mypy --strict on tensafe-core."""
-    session.install("mypy>=1.10", "./tensafe-core[testing]")
+    session.install("mypy>=1.10", "numpy>=1.24", "./tensafe-core[testing]")
     session.run("mypy")
 
 
@@ -80,6 +92,8 @@ def plugin(session: nox.Session, dist: str) -> None:
         session.skip("no plugin distribution in the tree yet")
     if dist in PREINSTALL:
         session.install(*PREINSTALL[dist])
+    if dist in NEEDS_PYFHEL:
+        _install_pyfhel(session)
     session.install(
         "./tensafe-core[testing]",
         *LOCAL_DEPENDENCIES.get(dist, []),
@@ -94,6 +108,8 @@ def plugin(session: nox.Session, dist: str) -> None:
 def e2e(session: nox.Session) -> None:
     """Every distribution together, as a user installs them: the default `tensafe run` end to end."""
     session.install(*PREINSTALL["tensafe-torch"])
+    if NEEDS_PYFHEL & set(PRESENT):
+        _install_pyfhel(session)
     session.install("./tensafe-core[testing]", *[f"./{d}" for d in PRESENT], *TEST_TOOLS)
     session.run("pytest", "tests/e2e", *session.posargs, env=STRICT)
 
@@ -103,6 +119,9 @@ def bench(session: nox.Session) -> None:
     """Benchmarks (not run by default): each prints ratios against a baseline run in the same process."""
     if "tensafe-torch" in PRESENT:
         session.install(*PREINSTALL["tensafe-torch"])
-    session.install("./tensafe-core", f"./{THIRD_PARTY_PLUGIN}", *[f"./{d}" for d in PRESENT])
+    if NEEDS_PYFHEL & set(PRESENT):
+        _install_pyfhel(session)
+    # TenSEAL is the HE-LoRA benchmark's baseline only; no distribution depends on it.
+    session.install("./tensafe-core", f"./{THIRD_PARTY_PLUGIN}", *[f"./{d}" for d in PRESENT], "tenseal")
     for script in sorted((ROOT / "benchmarks").glob("*.py")):
         session.run("python", str(script.relative_to(ROOT)), env=STRICT)

@@ -16,11 +16,15 @@ POLICY_LOSSES = "policy_losses"
 #: ``MLBackend.sample_stream`` yields text while it is generated.
 STREAMING = "streaming"
 
+#: ``MLBackend.lora_delta`` runs the base model with each LoRA module's delta supplied by a callback.
+LORA_DELTA = "lora_delta"
+
 KNOWN: dict[str, str] = {
     DP_SGD: "per-sample gradient clipping and Gaussian noise (DP-SGD)",
     SEEDED_SAMPLING: "reproducible sampling from SamplingParams.seed",
     POLICY_LOSSES: "the importance_sampling and ppo losses",
     STREAMING: "streamed generation (sample_stream)",
+    LORA_DELTA: "base model with LoRA deltas from a callback (read_lora, lora_delta), for HE-LoRA",
 }
 
 

@@ -118,12 +118,25 @@ class DataConfig(_Section):
 
 
 class HEConfig(_Section):
-    """Homomorphic encryption of the adapter's arithmetic at inference."""
+    """Homomorphic encryption of the adapter's arithmetic at inference (CKKS).
+
+    The default preset is N=8192 with three 60-bit primes (180 bits, within the
+    218 bits the Homomorphic Encryption Standard allows for 128-bit security at
+    that N): two data primes for HE-LoRA's one plaintext product, and the special
+    prime. Backends reject parameters above the bound.
+    """
 
     backend: str = Field("seal-ckks", description="Registered HE backend (tensafe-he-seal provides 'seal-ckks').")
-    poly_modulus_degree: int = Field(8192, description="Ring dimension N.")
-    coeff_mod_bit_sizes: list[int] = Field([60, 40, 40, 60], description="Coefficient modulus primes, in bits.")
-    scale_bits: int = Field(40, ge=20, le=60, description="log2 of the CKKS scale.")
+    poly_modulus_degree: int = Field(8192, description="Ring dimension N (4096, 8192, 16384 or 32768).")
+    coeff_mod_bit_sizes: list[int] = Field(
+        [60, 60, 60], description="Coefficient modulus primes, in bits; the last is the key-switching prime."
+    )
+    scale_bits: int = Field(40, ge=20, le=60, description="log2 of the default CKKS scale.")
+    key_owner_state: Path | None = Field(
+        None,
+        description="The adapter owner's secret HE-LoRA state (secret key and B matrices), to open an "
+        "HE-encrypted .tgsp adapter in process; None = encrypt a plaintext adapter with fresh keys.",
+    )
 
 
 class TGSPConfig(_Section):
@@ -246,6 +259,8 @@ def load_config(path: str | Path | None = None, *, environ: Mapping[str, str] | 
         config.data.path = base / config.data.path
     if "output_dir" in data and not config.output_dir.is_absolute():
         config.output_dir = base / config.output_dir
+    if config.he is not None and config.he.key_owner_state is not None and not config.he.key_owner_state.is_absolute():
+        config.he.key_owner_state = base / config.he.key_owner_state
     if config.tgsp is not None:
         tgsp = config.tgsp
         for name in ("signing_key", "output", "recipient_key"):

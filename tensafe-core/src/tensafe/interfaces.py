@@ -11,11 +11,15 @@ This module imports nothing heavy, so plugin modules may import it freely.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator, Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, TypeAlias, runtime_checkable
 
 if TYPE_CHECKING:
+    import numpy as np
+    from numpy.typing import NDArray
+
     from tensafe.config import HEConfig, RunConfig
     from tensafe.types import (
         AdamParams,
@@ -103,6 +107,28 @@ class MLBackend(abc.ABC):
         """A JSONL dataset shipped with the backend, used when the config names none."""
         return None
 
+    def read_lora(self, directory: Path) -> dict[str, tuple[Any, Any, float]]:
+        """``{module name: (A, B, scaling)}`` of an exported adapter, without loading it (capability ``lora_delta``).
+
+        A is ``rank x d_in``, B is ``d_out x rank``; the module's output gains ``scaling * B @ A @ x``.
+        """
+        from tensafe.errors import BackendError
+
+        raise BackendError(f"{type(self).__name__} does not declare the 'lora_delta' capability")
+
+    def lora_delta(
+        self, modules: Collection[str], delta: Callable[[str, Any], Any]
+    ) -> contextlib.AbstractContextManager[None]:
+        """Within the context, run the base model alone with ``delta(module, x)`` added to each of ``modules``.
+
+        ``x`` is a ``tokens x d_in`` float64 array of the module's inputs; ``delta``
+        returns ``tokens x d_out``. The backend's own adapter is disabled meanwhile
+        (capability ``lora_delta``).
+        """
+        from tensafe.errors import BackendError
+
+        raise BackendError(f"{type(self).__name__} does not declare the 'lora_delta' capability")
+
 
 class PrivacyAccountant(abc.ABC):
     """Tracks the privacy spent by a sequence of DP-SGD steps.
@@ -149,60 +175,158 @@ class PrivacyAccountant(abc.ABC):
 class HEBackend(abc.ABC):
     """A homomorphic-encryption scheme over vectors of reals (CKKS-like).
 
-    Ciphertexts, plaintexts and keys are backend objects; they cross process
-    boundaries only through the ``serialize_*`` / ``deserialize_*`` methods.
+    One backend object holds one context: its parameters and whichever keys it
+    has. A key owner creates them (:meth:`create_context`); an evaluator loads
+    the public parameters and the public and evaluation keys only
+    (:meth:`load_context`, :meth:`load_key`), so it can compute on ciphertexts
+    but never decrypt. Ciphertexts, keys and contexts cross process boundaries
+    only as bytes, through the ``serialize_*`` / ``load_*`` / ``deserialize_*``
+    methods, which check bytes (form, integrity, matching context) before the
+    underlying library sees them. Every failure is a :class:`tensafe.errors.TensafeError`.
+
+    Levels count the data primes a ciphertext has left (1 = the last level):
+    :meth:`rescale` and :meth:`mod_switch` each drop one. ``scale_bits``
+    arguments choose an encoding scale other than the context's default, which
+    the LoRA protocol (:mod:`tensafe.he_lora`) uses to keep precision without
+    rotations. A rotation needs a Galois key for its step: generate only the
+    steps a computation uses.
     """
 
     capabilities: ClassVar[frozenset[str]] = frozenset()
 
+    # -- context and keys ---------------------------------------------------------
+
     @abc.abstractmethod
-    def create_context(self, config: HEConfig, *, rotations: Sequence[int] = ()) -> None:
-        """Create parameters and keys; Galois keys only for ``rotations``."""
+    def create_context(self, config: HEConfig, *, rotations: Sequence[int] = (), relinearization: bool = True) -> None:
+        """Create parameters and keys: public, secret, relinearisation (if asked) and Galois keys for ``rotations``.
+
+        Parameters that fall short of 128-bit security raise :class:`tensafe.errors.ConfigError`.
+        """
+
+    @abc.abstractmethod
+    def load_context(self, data: bytes) -> None:
+        """Load public parameters written by :meth:`serialize_context`; no keys yet."""
+
+    @abc.abstractmethod
+    def serialize_context(self) -> bytes:
+        """The public parameters (never a key)."""
+
+    @abc.abstractmethod
+    def serialize_key(self, kind: KeyKind) -> bytes:
+        """One key, by kind: ``public``, ``secret``, ``relinearization`` or ``galois``."""
+
+    @abc.abstractmethod
+    def load_key(self, kind: KeyKind, data: bytes) -> None:
+        """Load one key written by :meth:`serialize_key` for this context."""
+
+    @abc.abstractmethod
+    def has_key(self, kind: KeyKind) -> bool:
+        """Whether this context holds a key of ``kind``."""
 
     @property
     @abc.abstractmethod
     def slot_count(self) -> int:
         """How many reals one ciphertext holds."""
 
+    @property
     @abc.abstractmethod
-    def encrypt(self, values: Sequence[float]) -> Any:
-        """Encode and encrypt a vector of at most ``slot_count`` reals."""
+    def top_level(self) -> int:
+        """The level of a fresh ciphertext (the number of data primes)."""
 
     @abc.abstractmethod
-    def decrypt(self, ciphertext: Any) -> list[float]:
-        """Decrypt and decode (needs the secret key)."""
+    def modulus_bits(self, level: int) -> int:
+        """Bits of the coefficient modulus a ciphertext at ``level`` has."""
+
+    @abc.abstractmethod
+    def level(self, ciphertext: Any) -> int:
+        """How many data primes ``ciphertext`` has left."""
+
+    @abc.abstractmethod
+    def scale_bits(self, ciphertext: Any) -> float:
+        """log2 of the scale ``ciphertext`` is encoded at."""
+
+    # -- encryption ---------------------------------------------------------------
+
+    @abc.abstractmethod
+    def encrypt(self, values: RealVector, *, scale_bits: int | None = None) -> Any:
+        """Encode and encrypt a vector of at most ``slot_count`` reals with the public key."""
+
+    @abc.abstractmethod
+    def encode(self, values: RealVector, *, scale_bits: float | None = None, level: int | None = None) -> Any:
+        """A plaintext for :meth:`add_plain` / :meth:`multiply_plain`, to reuse one encoding many times.
+
+        ``scale_bits`` defaults to the context's scale, ``level`` to :attr:`top_level`.
+        """
+
+    @abc.abstractmethod
+    def decrypt(self, ciphertext: Any) -> NDArray[np.float64]:
+        """Decrypt and decode all ``slot_count`` slots (needs the secret key)."""
+
+    # -- arithmetic ---------------------------------------------------------------
 
     @abc.abstractmethod
     def add(self, a: Any, b: Any) -> Any:
-        """Slot-wise sum of two ciphertexts."""
+        """Slot-wise sum of two ciphertexts at the same level and scale."""
 
     @abc.abstractmethod
     def subtract(self, a: Any, b: Any) -> Any:
-        """Slot-wise difference of two ciphertexts."""
+        """Slot-wise difference of two ciphertexts at the same level and scale."""
 
     @abc.abstractmethod
-    def multiply_plain(self, ciphertext: Any, values: Sequence[float]) -> Any:
-        """Slot-wise product with a plaintext vector."""
+    def add_plain(self, ciphertext: Any, values: RealVector | Any) -> Any:
+        """Slot-wise sum with a vector (encoded at the ciphertext's level and scale) or a matching plaintext."""
+
+    @abc.abstractmethod
+    def multiply_plain(self, ciphertext: Any, values: RealVector | Any, *, scale_bits: int | None = None) -> Any:
+        """Slot-wise product with a vector or a plaintext from :meth:`encode` (no rescale: the scales multiply)."""
 
     @abc.abstractmethod
     def multiply(self, a: Any, b: Any) -> Any:
-        """Slot-wise product of two ciphertexts, relinearised."""
+        """Slot-wise product of two ciphertexts, relinearised (needs the relinearisation key); no rescale."""
 
     @abc.abstractmethod
     def rescale(self, ciphertext: Any) -> Any:
-        """Divide by the scale and drop one modulus level."""
+        """Divide by the last data prime and drop it (one level down)."""
+
+    @abc.abstractmethod
+    def mod_switch(self, ciphertext: Any) -> Any:
+        """Drop the last data prime without changing the scale (one level down, fewer bytes)."""
 
     @abc.abstractmethod
     def rotate(self, ciphertext: Any, steps: int) -> Any:
-        """Cyclic rotation of the slots by ``steps``."""
+        """Cyclic rotation of the slots by ``steps`` (needs the Galois key for ``steps``)."""
+
+    @abc.abstractmethod
+    def sum_slots(self, ciphertext: Any) -> Any:
+        """Every slot set to the sum of all slots (rotations by powers of two; see :func:`slot_sum_rotations`)."""
+
+    # -- bytes --------------------------------------------------------------------
 
     @abc.abstractmethod
     def serialize_ciphertext(self, ciphertext: Any) -> bytes:
-        """Bytes of a ciphertext."""
+        """Bytes of a ciphertext, bound to this context."""
 
     @abc.abstractmethod
     def deserialize_ciphertext(self, data: bytes) -> Any:
-        """A ciphertext from bytes, checked against this context."""
+        """A ciphertext from bytes, checked against this context before use."""
+
+
+#: The key kinds an :class:`HEBackend` serialises separately.
+KeyKind = Literal["public", "secret", "relinearization", "galois"]
+KEY_KINDS: tuple[KeyKind, ...] = ("public", "secret", "relinearization", "galois")
+#: What an evaluator may hold: everything but the secret key.
+EVALUATION_KEY_KINDS: tuple[KeyKind, ...] = ("public", "relinearization", "galois")
+#: A vector of reals: a sequence of floats or a one-dimensional numpy array.
+RealVector: TypeAlias = "Sequence[float] | NDArray[np.float64]"
+
+
+def slot_sum_rotations(slot_count: int) -> list[int]:
+    """The rotation steps :meth:`HEBackend.sum_slots` needs: the powers of two below ``slot_count``."""
+    steps, step = [], 1
+    while step < slot_count:
+        steps.append(step)
+        step *= 2
+    return steps
 
 
 class TGSPLoader(abc.ABC):

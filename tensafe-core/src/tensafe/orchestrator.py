@@ -9,6 +9,7 @@ run's artifacts and report.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -23,13 +24,14 @@ from typing import TYPE_CHECKING, Any
 
 from tensafe import capabilities
 from tensafe.audit import AuditEvent
-from tensafe.config import DPConfig, RunConfig
+from tensafe.config import DPConfig, HEConfig, RunConfig
 from tensafe.data import PoissonSampler, Record, load_records, split_records, tokenize_record
 from tensafe.errors import BackendError, PrivacyBudgetExceeded, StepVetoed, UsageError
 from tensafe.plugins import TensafePluginManager, create_plugin_manager
 
 if TYPE_CHECKING:
-    from tensafe.interfaces import MLBackend, PrivacyAccountant
+    from tensafe.he_lora import Evaluator
+    from tensafe.interfaces import HEBackend, MLBackend, PrivacyAccountant
     from tensafe.registry import Registry
     from tensafe.types import Datum, SampleResponse, SamplingParams
 
@@ -437,31 +439,88 @@ class TenSafeOrchestrator:
         return [r.prompt for r in run.eval_records[:EVAL_SAMPLES] if r.prompt]
 
     def _inference_backend(self, adapter: Path | None) -> MLBackend:
+        return self._load_for_inference(adapter, he=False)[0]
+
+    def _load_for_inference(self, adapter: Path | None, *, he: bool) -> tuple[MLBackend, Evaluator | None]:
+        """The loaded ML backend, and with ``he`` the HE-LoRA evaluator whose deltas replace the adapter's."""
         package = adapter is not None and Path(adapter).is_file()
         if adapter is not None and not package and not Path(adapter).is_dir():
             raise UsageError(f"adapter not found (a PEFT directory or a .tgsp package): {adapter}")
+        if he and adapter is None:
+            raise UsageError("HE inference needs an adapter (a PEFT directory or a .tgsp package) to encrypt")
         backend = self.registry.ml_backend(self.config.backend)
+        if he and not capabilities.has(backend, capabilities.LORA_DELTA):
+            raise UsageError(f"ML backend {self.config.backend!r} cannot take LoRA deltas from HE (no 'lora_delta')")
+        he_config = self.config.he or HEConfig()
+        if he:
+            self.registry.registration("he_backend", he_config.backend)  # fail before loading the model
         # Inference never trains, so the model is loaded without the DP-SGD machinery.
         backend.initialize_model(self.config.model_copy(update={"dp": DPConfig(enabled=False)}))
+        evaluator = None
         if adapter is not None and package:
             with tempfile.TemporaryDirectory(prefix="tensafe-adapter-") as scratch:
-                self._open_package(Path(adapter), Path(scratch) / "adapter", self.allow_untrusted_signer)
-                backend.load_adapter(Path(scratch) / "adapter")
+                opened = Path(scratch) / "adapter"
+                manifest = self._open_package(Path(adapter), opened, self.allow_untrusted_signer)
+                marker = manifest.get("encrypted_adapter")
+                if he:
+                    evaluator = self._he_evaluator(backend, opened, marker)
+                elif marker is not None:
+                    raise UsageError("this package's adapter is HE-encrypted; run inference with HE (--he)")
+                else:
+                    backend.load_adapter(opened)
+        elif adapter is not None and he:
+            evaluator = self._he_evaluator(backend, Path(adapter), None)
         elif adapter is not None:
             backend.load_adapter(Path(adapter))
-        return backend
+        return backend, evaluator
 
-    def stream(self, prompt: str, *, adapter: Path | None = None) -> Iterator[str]:
+    def _he_evaluator(self, backend: MLBackend, directory: Path, marker: Any) -> Evaluator:
+        """An in-process key owner and evaluator for the adapter in ``directory``.
+
+        An HE-encrypted adapter (``marker`` from the package's manifest) is opened with
+        the key owner's saved state (``he.key_owner_state``); a plaintext adapter is
+        read by the key owner and encrypted under fresh keys.
+        """
+        from tensafe import he_lora
+
+        he_config = self.config.he or HEConfig()
+
+        def make() -> HEBackend:
+            return self.registry.he_backend(he_config.backend)
+
+        if marker is None:
+            return he_lora.in_process(make, he_config, backend.read_lora(directory))[1]
+        if not isinstance(marker, dict) or marker.get("protocol") != he_lora.PROTOCOL:
+            raise UsageError(f"the package's encrypted adapter uses an unknown protocol: {marker!r}")
+        if marker.get("he_backend") != he_config.backend:
+            raise UsageError(f"the package's adapter is encrypted for HE backend {marker.get('he_backend')!r}")
+        if he_config.key_owner_state is None or not he_config.key_owner_state.is_file():
+            raise UsageError(
+                "opening an HE-encrypted adapter in process needs the key owner's state file (he.key_owner_state)"
+            )
+        adapter_file = directory / he_lora.ENCRYPTED_ADAPTER_FILE
+        if not adapter_file.is_file():
+            raise UsageError(f"the package has no {he_lora.ENCRYPTED_ADAPTER_FILE}")
+        return he_lora.open_encrypted(make, adapter_file.read_bytes(), he_config.key_owner_state.read_bytes())
+
+    def stream(self, prompt: str, *, adapter: Path | None = None, he: bool = False) -> Iterator[str]:
         """Generated text as it comes (whole, for backends without streaming).
 
         The backend is resolved and loaded before this returns, so errors surface
-        before the first piece of text.
+        before the first piece of text. With ``he``, the adapter's arithmetic runs
+        under homomorphic encryption (HE-LoRA).
         """
-        backend = self._inference_backend(adapter)
-        self.audit("inference.generate", self.config.backend, prompts=1, adapter=str(adapter or ""))
+        backend, evaluator = self._load_for_inference(adapter, he=he)
+        self.audit("inference.generate", self.config.backend, prompts=1, adapter=str(adapter or ""), he=he)
+        stack = contextlib.ExitStack()
+        if evaluator is not None:
+            stack.enter_context(backend.lora_delta(evaluator.modules, evaluator.delta))
         if capabilities.has(backend, capabilities.STREAMING):
-            return backend.sample_stream(backend.encode(prompt), self.config.sampling)
-        return iter([self.sample_text(backend, [prompt], self.config.sampling)[0].sequences[0].text])
+            pieces = backend.sample_stream(backend.encode(prompt), self.config.sampling)
+        else:
+            with stack:
+                return iter([self.sample_text(backend, [prompt], self.config.sampling)[0].sequences[0].text])
+        return _closing(pieces, stack)
 
     def generate(
         self,
@@ -470,11 +529,18 @@ class TenSafeOrchestrator:
         adapter: Path | None = None,
         sampling: SamplingParams | None = None,
         num_samples: int = 1,
+        he: bool = False,
     ) -> list[SampleResponse]:
-        """Generate from the configured base model, with ``adapter`` (a directory) if given."""
-        backend = self._inference_backend(adapter)
-        self.audit("inference.generate", self.config.backend, prompts=len(prompts), adapter=str(adapter or ""))
-        return self.sample_text(backend, prompts, sampling or self.config.sampling, num_samples)
+        """Generate from the configured base model, with ``adapter`` (a directory or package) if given.
+
+        With ``he``, the adapter's arithmetic runs under homomorphic encryption (HE-LoRA).
+        """
+        backend, evaluator = self._load_for_inference(adapter, he=he)
+        self.audit("inference.generate", self.config.backend, prompts=len(prompts), adapter=str(adapter or ""), he=he)
+        with contextlib.ExitStack() as stack:
+            if evaluator is not None:
+                stack.enter_context(backend.lora_delta(evaluator.modules, evaluator.delta))
+            return self.sample_text(backend, prompts, sampling or self.config.sampling, num_samples)
 
     def run(
         self,
@@ -568,6 +634,12 @@ class TenSafeOrchestrator:
             (run_dir / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
             (run_dir / "report.txt").write_text(render_report(report), encoding="utf-8")
             self.pm.hook.tensafe_finish_run(run_id=run.run_id, report=report)
+
+
+def _closing(pieces: Iterator[str], stack: contextlib.ExitStack) -> Iterator[str]:
+    """Yield ``pieces``, then leave ``stack`` (also when the consumer stops early)."""
+    with stack:
+        yield from pieces
 
 
 def _fmt(value: Any) -> str:

@@ -267,6 +267,13 @@ train_cmd = _training_command(
     "-n", "--num-samples", default=1, show_default=True, type=click.IntRange(1, 64), help="Samples per prompt."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print tokens, logprobs and stop reasons as JSON.")
+@click.option(
+    "--he",
+    "he",
+    is_flag=True,
+    help="Compute the adapter's LoRA products under homomorphic encryption (HE-LoRA; needs an HE backend "
+    "such as tensafe-he-seal's 'seal-ckks', configured by the he section).",
+)
 @click.pass_context
 def inference_cmd(
     ctx: click.Context,
@@ -284,6 +291,7 @@ def inference_cmd(
     recipient_key: Path | None,
     trusted: tuple[Path, ...],
     allow_untrusted: bool,
+    he: bool,
 ) -> None:
     """Generate text from a base model, with or without a trained adapter.
 
@@ -314,13 +322,13 @@ def inference_cmd(
         orchestrator.allow_untrusted_signer = True
     if not as_json and num_samples == 1:
         for prompt in prompts:
-            pieces = orchestrator.stream(prompt, adapter=adapter)
+            pieces = orchestrator.stream(prompt, adapter=adapter, he=he)
             click.echo(prompt, nl=False)
             for piece in pieces:
                 click.echo(piece, nl=False)
             click.echo()
         return
-    responses = orchestrator.generate(list(prompts), adapter=adapter, num_samples=num_samples)
+    responses = orchestrator.generate(list(prompts), adapter=adapter, num_samples=num_samples, he=he)
     if as_json:
         _emit_json([r.model_dump() for r in responses])
         return
