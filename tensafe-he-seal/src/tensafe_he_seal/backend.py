@@ -336,6 +336,7 @@ class SealCKKSBackend(HEBackend):
 
     def decrypt(self, ciphertext: Any) -> NDArray[np.float64]:
         he = self._need("secret", "decryption")
+        self._need("public", "decryption (Pyfhel's decryptor is built with the public key)")
         ct = self._own(ciphertext)
         return np.asarray(he.decryptFrac(ct.ctxt), dtype=np.float64)
 

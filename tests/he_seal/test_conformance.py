@@ -1,0 +1,9 @@
+"""seal-ckks passes the HE backend conformance suite."""
+
+from __future__ import annotations
+
+from tensafe.testing.he_backend import HEBackendConformance
+
+
+class TestSealCKKS(HEBackendConformance):
+    backend_name = "seal-ckks"
