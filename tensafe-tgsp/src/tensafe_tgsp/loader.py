@@ -30,8 +30,14 @@ class TGSPPackageLoader(TGSPLoader):
         lora_config: Mapping[str, Any] | None = None,
         privacy_certificate: Mapping[str, Any] | None = None,
         passphrase: str | bytes | None = None,
+        encrypted_adapter: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Package the adapter directory ``source`` (streamed, atomic); returns the manifest."""
+        """Package the adapter directory ``source`` (streamed, atomic); returns the manifest.
+
+        ``encrypted_adapter`` marks a package whose adapter is itself HE-encrypted
+        (see :func:`tensafe.he_lora.adapter_marker`); whoever opens it hands the
+        encrypted adapter to the HE backend named there instead of loading weights.
+        """
         return tgsp_format.pack(
             source,
             output,
@@ -41,6 +47,7 @@ class TGSPPackageLoader(TGSPLoader):
             lora_config=lora_config,
             privacy_certificate=privacy_certificate,
             passphrase=passphrase,
+            encrypted_adapter=encrypted_adapter,
         )
 
     def inspect(self, path: Path) -> dict[str, Any]:
