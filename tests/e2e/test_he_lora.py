@@ -44,7 +44,7 @@ def adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A LoRA adapter trained a few steps, so that it changes the model's outputs."""
     backend = torch_backend()
     data = [datum_from_sequence(backend.encode("Record 1. Name: Ada Costa. Born: 1950. City: Lyon."))]
-    for _ in range(4):
+    for _ in range(2):
         backend.forward_backward(data, "cross_entropy")
         backend.optim_step(AdamParams(learning_rate=0.05))
     directory = tmp_path_factory.mktemp("adapter")
@@ -99,12 +99,10 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_cli_inference_he(adapter: Path) -> None:
-    args = ("inference", "-p", PROMPT, "--adapter", str(adapter), "--max-tokens", "8", "--temperature", "0")
-    plain = cli(*args)
-    he = cli(*args, "--he")
-    assert plain.returncode == 0, plain.stderr
+    he = cli("inference", "-p", PROMPT, "--adapter", str(adapter), "--max-tokens", "12", "--temperature", "0", "--he")
     assert he.returncode == 0, he.stderr
-    assert he.stdout == plain.stdout and len(he.stdout.strip()) > len(PROMPT)
+    plain = orchestrator().generate([PROMPT], adapter=adapter)[0].sequences[0].text
+    assert he.stdout == PROMPT + plain + "\n" and plain.strip()
 
 
 def test_tgsp_package_with_an_he_encrypted_adapter(adapter: Path, tmp_path: Path) -> None:

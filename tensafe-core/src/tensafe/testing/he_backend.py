@@ -63,7 +63,7 @@ class HEBackendConformance:
         other = cls.make()
         other.load_context(he.serialize_context())
         for kind in ("public", "relinearization", "galois"):
-            other.load_key(kind, he.serialize_key(kind))  # type: ignore[arg-type]
+            other.load_key(kind, he.serialize_key(kind))
         return other
 
     def vectors(self, he: HEBackend, count: int = 2) -> list[Any]:
