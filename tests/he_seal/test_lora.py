@@ -82,7 +82,7 @@ def test_key_owner_sees_only_masked_values(parties: Any) -> None:
     # The masks are uniform of width 2^20 per slot: what the key owner decrypts is far from A_0 * x.
     assert np.median(np.abs(seen - unmasked)) > 2**16
     row_sum = float(np.sum(seen))
-    assert abs(row_sum - float(unmasked.sum())) > 1.0  # w_0 = (A x)_0 + t_0 with t_0 of width 2^16
+    assert abs(row_sum - float(unmasked.sum())) > 1.0  # w_0 = (A x)_0 + t_0 with t_0 of width 2^14
 
 
 def test_precomputed_pads_give_the_same_delta(parties: Any) -> None:

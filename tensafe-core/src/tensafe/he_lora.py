@@ -61,6 +61,8 @@ LORA_LEVEL = 2
 #: Bits between the product's scale and the level's modulus: room for masked values and a margin.
 VALUE_ROOM_BITS = 30
 MAX_HEADER = 1 << 24
+#: log2 of the width of the uniform noise the key owner adds to each value it returns.
+FLOOD_BITS = -20
 
 
 def _numpy() -> Any:
@@ -83,8 +85,8 @@ class MaskBits:
     """
 
     slot: int = 20
-    row: int = 16
-    out: int = 24
+    row: int = 14
+    out: int = 26
 
 
 @dataclass(frozen=True)
@@ -461,7 +463,10 @@ class KeyOwner:
                 slots = backend.decrypt(self._checked(blob))
                 for _, chunk, offset, length in b_layout.placed(members[0]):
                     z[chunk * b_layout.chunk : chunk * b_layout.chunk + length] += slots[offset : offset + length]
-            out[t] = owned.b @ w - z[: spec.d_out]
+            # Flooding: fresh noise far above the decryption noise and the decoder's rounding in w and z,
+            # so that y says nothing exact about them (decryption results are what key-recovery attacks on
+            # CKKS feed on); it is far below the precision the delta needs.
+            out[t] = owned.b @ w - z[: spec.d_out] + _random((spec.d_out,), FLOOD_BITS)
         return LoraResponse(out)
 
     def _checked(self, blob: bytes) -> Any:
@@ -604,8 +609,7 @@ class Evaluator:
             for row, _, offset, length in placed:
                 segment = mask[offset : offset + length]
                 segment += t_sums[row] / a_layout.chunks / length - segment.mean()
-            mask[placed[-1][2] + placed[-1][3] :] = 0.0
-            row_masks.append(backend.encode(mask, scale_bits=product_bits, level=LORA_LEVEL))
+            row_masks.append(self._encrypted_mask(mask, product_bits))
         unmask = np_.zeros(spec.d_out)
         outs = []
         for members in module.groups:
@@ -618,13 +622,26 @@ class Evaluator:
                 total = product if total is None else backend.add(total, product)
                 self.stats["plain_products"] += 1
             mask = _random((b_layout.slots,), bits.out)
-            placed = b_layout.placed(members[0])
-            mask[placed[-1][2] + placed[-1][3] :] = 0.0
-            for _, chunk, offset, length in placed:
+            for _, chunk, offset, length in b_layout.placed(members[0]):
                 start = chunk * b_layout.chunk
                 unmask[start : start + length] += mask[offset : offset + length]
-            outs.append(backend.serialize_ciphertext(backend.add_plain(total, mask)))
+            outs.append(backend.serialize_ciphertext(backend.add(total, self._encrypted_mask(mask, product_bits))))
         return _Pad(row_masks, outs, unmask)
+
+    def _encrypted_mask(self, real: NDArray[np.float64], scale_bits: int) -> Any:
+        """A fresh public-key encryption of ``real`` with uniformly random imaginary parts.
+
+        Fresh encryption re-randomises the sum it is added to: a product ``Enc(A) * x``
+        alone would let whoever made ``Enc(A)`` divide ``x`` out of its second component.
+        Random imaginary parts fill the half of the coefficient space that real masks
+        leave untouched, where the adapter's own encryption noise times ``x`` would show.
+        """
+        backend = self._backend
+        imaginary = _random(real.shape, self.masks.slot)
+        ct = backend.encrypt(real, scale_bits=scale_bits, imaginary=imaginary)
+        while backend.level(ct) > LORA_LEVEL:
+            ct = backend.mod_switch(ct)
+        return ct
 
     def prepare(self, name: str, tokens: int) -> None:
         """Precompute pads for ``tokens`` future tokens of module ``name`` (the offline phase)."""
@@ -653,7 +670,7 @@ class Evaluator:
                 if key not in spread:  # ciphertexts with the same segments share one encoding of x
                     spread[key] = backend.encode(a_layout.spread(x[t], k), scale_bits=self.token_bits, level=LORA_LEVEL)
                 product = backend.multiply_plain(enc_a, spread[key])
-                cts.append(backend.serialize_ciphertext(backend.add_plain(product, pad.row_masks[k])))
+                cts.append(backend.serialize_ciphertext(backend.add(product, pad.row_masks[k])))
                 self.stats["plain_products"] += 1
             rows_out.append(cts)
             outs_out.append(pad.outs)

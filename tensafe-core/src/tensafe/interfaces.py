@@ -248,8 +248,12 @@ class HEBackend(abc.ABC):
     # -- encryption ---------------------------------------------------------------
 
     @abc.abstractmethod
-    def encrypt(self, values: RealVector, *, scale_bits: int | None = None) -> Any:
-        """Encode and encrypt a vector of at most ``slot_count`` reals with the public key."""
+    def encrypt(self, values: RealVector, *, scale_bits: int | None = None, imaginary: RealVector | None = None) -> Any:
+        """Encode and encrypt a vector of at most ``slot_count`` reals with the public key (fresh randomness).
+
+        CKKS slots are complex; ``imaginary`` sets their imaginary parts (default 0).
+        :meth:`decrypt` returns the real parts.
+        """
 
     @abc.abstractmethod
     def encode(self, values: RealVector, *, scale_bits: float | None = None, level: int | None = None) -> Any:

@@ -290,15 +290,17 @@ class SealCKKSBackend(HEBackend):
             raise UsageError("HE values must be finite")
         return array
 
-    def _encode(self, array: NDArray[np.float64], scale: float, level: int) -> Any:
-        he = self._require_context()
+    def _fits(self, biggest: float, scale: float, level: int) -> None:
         bits = self.modulus_bits(level)
-        biggest = float(np.max(np.abs(array))) if array.size else 0.0
         if biggest * scale * 4 >= 2.0**bits or scale * 4 >= 2.0**bits:
             raise HEMismatchError(
                 f"values up to {biggest:.3g} at scale 2^{math.log2(scale):.1f} do not fit the {bits}-bit modulus "
                 f"of level {level}"
             )
+
+    def _encode(self, array: NDArray[np.float64], scale: float, level: int) -> Any:
+        he = self._require_context()
+        self._fits(float(np.max(np.abs(array))) if array.size else 0.0, scale, level)
         plain: PyPtxt = he.encodeFrac(array, scale=scale)
         for _ in range(self.top_level - level):
             he.mod_switch_to_next_ptxt(plain, in_new_ptxt=False)
@@ -329,9 +331,20 @@ class SealCKKSBackend(HEBackend):
             )
         return values.ptxt
 
-    def encrypt(self, values: RealVector, *, scale_bits: int | None = None) -> SealCiphertext:
+    def encrypt(
+        self, values: RealVector, *, scale_bits: int | None = None, imaginary: RealVector | None = None
+    ) -> SealCiphertext:
         he = self._need("public", "encryption")
-        plain = self._encode(self._vector(values), self._scale(scale_bits), self.top_level)
+        scale = self._scale(scale_bits)
+        real = self._vector(values)
+        if imaginary is None:
+            plain = self._encode(real, scale, self.top_level)
+        else:
+            imag = self._vector(imaginary)
+            if imag.size != real.size:
+                raise UsageError(f"{real.size} real parts but {imag.size} imaginary parts")
+            self._fits(float(np.max(np.abs(real) + np.abs(imag), initial=0.0)), scale, self.top_level)
+            plain = he.encodeComplex(np.ascontiguousarray(real + 1j * imag), scale=scale)
         return SealCiphertext(he.encryptPtxt(plain), self.top_level, self._id)
 
     def decrypt(self, ciphertext: Any) -> NDArray[np.float64]:
