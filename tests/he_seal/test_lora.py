@@ -133,3 +133,34 @@ def test_bad_requests_and_inputs_are_errors(parties: Any) -> None:
 def test_parameters_the_protocol_cannot_use_are_refused() -> None:
     with pytest.raises(TensafeError, match="bits"):
         KeyOwner.create(SealCKKSBackend(), HEConfig(coeff_mod_bit_sizes=[40, 40, 60], scale_bits=30))
+
+
+def test_key_owner_cannot_divide_x_out_of_a_request(parties: Any) -> None:
+    """The key owner made Enc(A) = (a0, a1). A bare product Enc(A) * x = (a0 X, a1 X) gives X = c1 / a1
+    (pointwise mod each prime, since SEAL keeps ciphertexts in NTT form). Fresh encrypted masks stop it."""
+    from tensafe_he_seal.backend import ENVELOPE, SealCKKSBackend
+
+    owner, evaluator, _ = parties
+    backend = evaluator.backend
+    assert isinstance(backend, SealCKKSBackend)
+    n, primes = backend.slot_count * 2, owner.backend._primes[:2]
+
+    def second_component(blob: bytes) -> Any:
+        return np.frombuffer(blob[ENVELOPE.size + 113 :], dtype="<u8").reshape(2, 2, n)[1]
+
+    a1 = second_component(backend.serialize_ciphertext(evaluator.modules["full"].a[0]))
+    inverse = [[pow(int(v), q - 2, q) for v in row[:256]] for row, q in zip(a1, primes, strict=True)]
+
+    def divided(blob: bytes) -> bytes:
+        c1 = second_component(blob)
+        head = [(int(c) * i) % primes[0] for c, i in zip(c1[0][:256], inverse[0], strict=True)]
+        return np.array(head, dtype="<u8").tobytes()
+
+    x = np.random.default_rng(11).normal(0, 1, (1, 4096))
+    spread = evaluator.modules["full"].spec.a_layout.spread(x[0], 0)
+    encoded = backend.encode(spread, scale_bits=evaluator.token_bits, level=2)
+    plaintext = encoded.ptxt.to_bytes("none")
+    bare = backend.multiply_plain(evaluator.modules["full"].a[0], encoded)
+    assert divided(backend.serialize_ciphertext(bare)) in plaintext  # the attack works on a bare product
+    request, _ = evaluator.request("full", x)
+    assert divided(request.rows[0][0]) not in plaintext  # and fails on what the evaluator sends
