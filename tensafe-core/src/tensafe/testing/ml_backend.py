@@ -176,3 +176,25 @@ class MLBackendConformance:
         private.optim_step(self.adam_params())
         after = private.forward(data, "cross_entropy").metrics["loss:sum"]
         assert after != before
+
+    @requires_capability(capabilities.LORA_DELTA)
+    def test_lora_delta_reproduces_the_adapter(self, backend: MLBackend, tmp_path: Path) -> None:
+        # The deltas computed in plaintext from read_lora's matrices stand in for HE's.
+        data = [self.datum(backend)]
+        for _ in range(3):
+            self.step(backend, data)
+        backend.export_adapter(tmp_path / "adapter")
+        expected = backend.forward(data, "cross_entropy").loss_fn_outputs[0]["logprobs"]
+        modules = backend.read_lora(tmp_path / "adapter")
+        served = self.make_backend()
+        base = served.forward(data, "cross_entropy").loss_fn_outputs[0]["logprobs"]
+
+        def delta(name: str, x: Any) -> Any:
+            a, b, scaling = modules[name]
+            return scaling * (x @ a.T) @ b.T
+
+        with served.lora_delta(list(modules), delta):
+            actual = served.forward(data, "cross_entropy").loss_fn_outputs[0]["logprobs"]
+        assert actual == pytest.approx(expected, abs=1e-4)
+        assert max(abs(a - b) for a, b in zip(base, expected, strict=True)) > 1e-3
+        assert served.forward(data, "cross_entropy").loss_fn_outputs[0]["logprobs"] == pytest.approx(base, abs=1e-6)
