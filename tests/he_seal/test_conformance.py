@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tensafe.testing.he_backend import HEBackendConformance
+from tensafe.testing import HEBackendConformance
 
 
 class TestSealCKKS(HEBackendConformance):

@@ -8,13 +8,15 @@ Two parties, separated by bytes:
 * the **evaluator**, which runs the base model in plaintext. For each token
   and adapted module it computes, with plaintext-ciphertext products only,
 
-  - ``c = Enc(A rows) * x + m`` where each row's mask ``m_i`` is fresh,
+  - ``c = Enc(A rows) * x + Enc(m)`` where each row's mask ``m_i`` is fresh,
     uniform and sums (over the row's slots) to a fresh random ``t_i``;
-  - ``e = sum_i Enc(B column i) * t_i + M`` with a fresh uniform mask ``M``,
+  - ``e = sum_i Enc(B column i) * t_i + Enc(M)`` with a fresh uniform mask ``M``,
 
-  and sends ``c`` and ``e`` (:class:`LoraRequest`). The key owner decrypts,
-  sums each row's slots to ``w = A x + t``, sums ``e``'s segments to
-  ``z = B t + M'`` and returns ``y = B w - z = B A x - M'``
+  (the masks are fresh public-key encryptions, with random imaginary parts:
+  they re-randomise what is sent, see THREAT_MODEL.md), and sends ``c`` and
+  ``e`` (:class:`LoraRequest`). The key owner decrypts, sums each row's slots
+  to ``w = A x + t``, sums ``e``'s segments to ``z = B t + M'`` and returns
+  ``y = B w - z = B A x - M'`` plus a little flooding noise
   (:class:`LoraResponse`). The evaluator adds its ``M'`` back and scales:
   ``delta = (alpha / r) * (y + M')``.
 

@@ -17,11 +17,13 @@ other settings. Requires pytest (``pip install tensafe-core[testing]``).
 from __future__ import annotations
 
 from tensafe.testing.accountant import PrivacyAccountantConformance
+from tensafe.testing.he_backend import HEBackendConformance
 from tensafe.testing.ml_backend import MLBackendConformance
 from tensafe.testing.support import fresh_plugin_manager, requires_capability
 from tensafe.testing.tgsp_loader import TGSPLoaderConformance
 
 __all__ = [
+    "HEBackendConformance",
     "MLBackendConformance",
     "PrivacyAccountantConformance",
     "TGSPLoaderConformance",
