@@ -27,13 +27,13 @@ def constant_one(prompt: str, completion: str, reference: str | None) -> float:
 
 
 class ScaledReward:
-    """``scale`` times the first byte of the completion, so rewards differ between rollouts."""
+    """``scale`` times a checksum of the completion in [0, 1), so rewards differ between rollouts."""
 
     def __init__(self, scale: float = 1.0) -> None:
         self.scale = scale
 
     def __call__(self, prompt: str, completion: str, reference: str | None) -> float:
-        return self.scale * (completion.encode()[0] / 255.0 if completion else 0.0)
+        return self.scale * (sum(completion.encode()) % 97) / 97
 
 
 class AuditRecorder:

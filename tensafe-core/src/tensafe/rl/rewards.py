@@ -51,23 +51,34 @@ class ExactMatch:
 
     The answer is the first line without a trailing period (or the first group
     of ``answer_pattern``); ``prefix`` accepts an answer that starts with the
-    reference's.
+    reference's; ``any_of`` splits the reference into several accepted answers.
     """
 
-    def __init__(self, *, answer_pattern: str | None = None, ignore_case: bool = False, prefix: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        answer_pattern: str | None = None,
+        ignore_case: bool = False,
+        prefix: bool = False,
+        any_of: str | None = None,
+    ) -> None:
         self.pattern = _compile(answer_pattern, "answer_pattern")
         self.ignore_case = ignore_case
         self.prefix = prefix
+        self.any_of = any_of
 
     def __call__(self, prompt: str, completion: str, reference: str | None) -> float:
         if reference is None:
             raise ValueError("exact_match needs a reference answer")
-        got, want = _answer(completion, self.pattern), _answer(reference, None)
-        if got is None or want is None:
+        got = _answer(completion, self.pattern)
+        if got is None:
             return 0.0
-        if self.ignore_case:
-            got, want = got.casefold(), want.casefold()
-        return float(got.startswith(want) if self.prefix else got == want)
+        accepted = reference.split(self.any_of) if self.any_of else [reference]
+        for want in (_answer(a, None) or "" for a in accepted):
+            a, b = (got.casefold(), want.casefold()) if self.ignore_case else (got, want)
+            if a.startswith(b) if self.prefix else a == b:
+                return 1.0
+        return 0.0
 
 
 class NumericMatch:
