@@ -228,7 +228,9 @@ run_cmd = _training_command(
 
     With no CONFIG, trains the ML backend's embedded tiny model on its embedded
     dataset (no network). CONFIG is a YAML, TOML or JSON file; see
-    `tensafe config show` for every setting.
+    `tensafe config show` for every setting. With `mode: rlvr` in CONFIG it
+    runs reinforcement learning with verifiable rewards and reports the
+    held-out reward instead of the loss.
     """,
 )
 train_cmd = _training_command(

@@ -124,7 +124,7 @@ def assign_advantages(batch: RolloutBatch, baseline: str, normalize: bool, runni
 def policy_datum(rollout: Rollout) -> Datum:
     """The ``importance_sampling`` / ``ppo`` datum of a rollout.
 
-    Prompt positions get weight 0, advantage 0 and a placeholder logprob, so
+    Prompt positions get weight 0, advantage 0 and an unused logprob of 0, so
     only the sampled tokens carry loss; their sampler logprobs make the ratio.
     """
     prompt, tokens = rollout.prompt_tokens, rollout.tokens
