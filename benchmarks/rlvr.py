@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-STEPS = 40
+STEPS = 30
 
 
 def run(dp: bool, steps: int, out: Path) -> dict[str, Any]:
