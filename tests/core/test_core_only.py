@@ -35,7 +35,10 @@ def test_inference_without_backend_names_the_distribution() -> None:
 def test_plugins_lists_nothing_but_builtins() -> None:
     assert json.loads(tensafe("plugins").stdout) == []
     [builtin] = json.loads(tensafe("plugins", "--all").stdout)
-    assert builtin["distribution"] == "tensafe-core" and builtin["provides"] == {"command": ["config"]}
+    assert builtin["distribution"] == "tensafe-core" and builtin["provides"] == {
+        "command": ["config"],
+        "reward": ["exact_match", "numeric", "regex"],
+    }
 
 
 def test_core_imports_no_heavy_library() -> None:

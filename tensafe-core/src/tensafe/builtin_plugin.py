@@ -14,3 +14,11 @@ def tensafe_register_commands(register: Register) -> None:
         return config
 
     register("config", config_group)
+
+
+@hookimpl
+def tensafe_register_rewards(register: Register) -> None:
+    from tensafe.rl.rewards import BUILTIN_REWARDS
+
+    for name, factory in BUILTIN_REWARDS.items():
+        register(name, factory)

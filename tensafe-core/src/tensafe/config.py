@@ -117,6 +117,60 @@ class DataConfig(_Section):
     max_records: int | None = Field(None, ge=1, description="Use at most this many records.")
 
 
+class RewardTerm(_Section):
+    """One reward function, by registered name or dotted path, with its weight and options."""
+
+    name: str = Field(
+        description="A registered reward ('exact_match', 'numeric', 'regex', ...) or 'package.module:attribute'."
+    )
+    weight: float = Field(1.0, description="Weight of this term in the weighted sum of all terms.")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments for the reward's factory (e.g. tolerance, pattern)."
+    )
+
+
+class RLConfig(_Section):
+    """Reinforcement learning with verifiable rewards (``mode: rlvr``).
+
+    Each sampled prompt (a record: the privacy unit) yields ``group_size``
+    rollouts, scored against the record's completion by the reward terms.
+    ``training.steps`` counts optimizer steps; each Poisson-sampled batch is
+    used for ``epochs`` of them.
+    """
+
+    algorithm: Literal["reinforce", "ppo"] = Field(
+        "reinforce", description="'reinforce' (importance_sampling loss, one update) or 'ppo' (clipped ratio)."
+    )
+    rewards: list[RewardTerm] = Field(
+        default_factory=lambda: [RewardTerm(name="exact_match")],
+        min_length=1,
+        description="Reward terms; several are combined as a weighted sum.",
+    )
+    group_size: int = Field(8, ge=1, le=256, description="Rollouts per prompt (G).")
+    baseline: Literal["group", "running", "none"] = Field(
+        "group",
+        description="'group': mean reward of the prompt's rollouts (GRPO); 'running': moving average over batches "
+        "(not with DP: it mixes records); 'none'.",
+    )
+    normalize_advantages: bool = Field(False, description="Divide group advantages by the group's reward std.")
+    running_decay: float = Field(0.9, ge=0, lt=1, description="Decay of the running baseline.")
+    epochs: int = Field(1, ge=1, le=16, description="Optimizer steps per sampled batch (PPO epochs).")
+    clip_low: float = Field(0.8, gt=0, le=1, description="PPO: lower bound of the probability ratio.")
+    clip_high: float = Field(1.2, ge=1, description="PPO: upper bound of the probability ratio.")
+    max_tokens: int = Field(16, ge=1, description="Longest rollout in tokens.")
+    temperature: float = Field(1.0, gt=0, description="Rollout sampling temperature (1 keeps updates on-policy).")
+    stop: list[str] = Field(default_factory=list, description="Stop strings that end a rollout.")
+    eval_prompts: int = Field(32, ge=0, description="Held-out prompts scored (greedy) for the reward curve.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RLConfig:
+        if self.algorithm == "reinforce" and self.epochs != 1:
+            raise ValueError("epochs > 1 needs algorithm: ppo (reinforce is on-policy, one update per batch)")
+        if self.baseline == "group" and self.group_size < 2:
+            raise ValueError("baseline 'group' needs group_size >= 2 (one rollout is its own baseline)")
+        return self
+
+
 class HEConfig(_Section):
     """Homomorphic encryption of the adapter's arithmetic at inference (CKKS).
 
@@ -153,6 +207,9 @@ class TGSPConfig(_Section):
 class RunConfig(_Section):
     """A whole run: what `tensafe run` and `tensafe train` execute."""
 
+    mode: Literal["sft", "rlvr"] = Field(
+        "sft", description="'sft': supervised fine-tuning; 'rlvr': reinforcement learning with verifiable rewards."
+    )
     backend: str = Field("torch", description="Registered ML backend (tensafe-torch provides 'torch').")
     run_name: str | None = Field(None, description="Name of the run directory; None = a timestamped name.")
     output_dir: Path = Field(Path("tensafe-runs"), description="Where run directories are created.")
@@ -165,6 +222,22 @@ class RunConfig(_Section):
     sampling: SamplingParams = Field(default_factory=lambda: SamplingParams(max_tokens=48, temperature=0.0))
     he: HEConfig | None = Field(None, description="Set to run inference with the adapter under HE.")
     tgsp: TGSPConfig | None = Field(None, description="Set to package the adapter as TGSP.")
+    rl: RLConfig | None = Field(None, description="Reinforcement learning settings; used when mode is 'rlvr'.")
+
+    @model_validator(mode="after")
+    def _mode(self) -> RunConfig:
+        if self.mode == "rlvr" and self.rl is None:
+            self.rl = RLConfig()
+        if self.mode == "sft" and self.rl is not None:
+            raise ValueError("rl settings are only used with mode: rlvr")
+        if self.rl is not None:
+            if self.training.steps % self.rl.epochs:
+                raise ValueError(f"training.steps ({self.training.steps}) must be a multiple of rl.epochs")
+            if self.dp.enabled and self.rl.baseline == "running":
+                raise ValueError(
+                    "rl.baseline 'running' mixes rewards of different records, which DP cannot bound; use 'group'"
+                )
+        return self
 
 
 def _read_file(path: Path) -> dict[str, Any]:

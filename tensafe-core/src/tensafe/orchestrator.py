@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from tensafe.he_lora import Evaluator
     from tensafe.interfaces import HEBackend, MLBackend, PrivacyAccountant
     from tensafe.registry import Registry
+    from tensafe.rl.loop import RLVRLoop
     from tensafe.types import Datum, SampleResponse, SamplingParams
 
 EVAL_SAMPLES = 3
@@ -80,7 +81,16 @@ class PrivacyLedger:
     target_epsilon: float | None
     warn_fraction: float
     secure_rng: bool
+    #: Optimizer steps covered by one charge (PPO epochs on one sample; see tensafe.rl.privacy).
+    updates_per_charge: int = 1
+    #: Noise multiplier of each optimizer step; ``noise_multiplier`` is what one charge is accounted at.
+    update_noise_multiplier: float = 0.0
+    details: dict[str, Any] = field(default_factory=dict)
     warned: bool = False
+
+    def charge(self) -> None:
+        """Account for one sampled batch (``updates_per_charge`` optimizer steps)."""
+        self.accountant.compose_step(self.sampling_rate, self.noise_multiplier)
 
     def epsilon(self) -> float:
         return self.accountant.get_epsilon(self.delta)
@@ -104,6 +114,7 @@ class PrivacyLedger:
             "neighbouring_relation": "add_or_remove_one",
             "sampling": "poisson, by the orchestrator",
             "randomness": "os-csprng" if self.secure_rng else "seeded (no guarantee against whoever knows the seed)",
+            **self.details,
         }
 
     def to_state(self) -> dict[str, Any]:
@@ -139,6 +150,9 @@ class TrainingRun:
     sampler: PoissonSampler
     rng: random.Random
     privacy: PrivacyLedger | None
+    train_records: list[Record] = field(default_factory=list)
+    #: The RL loop and its state, for ``mode: rlvr``.
+    rl: RLVRLoop | None = None
     step: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
 
@@ -178,12 +192,27 @@ class TenSafeOrchestrator:
         delta = dp.target_delta if dp.target_delta is not None else 1.0 / (10 * n_train)
         if delta >= 1.0 / n_train:
             raise UsageError(f"dp.target_delta {delta:g} must be below 1 / records ({1.0 / n_train:g})")
-        sigma = dp.noise_multiplier
-        if sigma is None:
+        from tensafe.rl.privacy import charged_noise_multiplier, update_noise_multiplier
+
+        updates = self.config.rl.epochs if self.config.rl is not None else 1
+        if dp.noise_multiplier is None:
             assert dp.target_epsilon is not None  # guaranteed by DPConfig
-            sigma = accountant.calibrate_noise_multiplier(dp.target_epsilon, delta, sampling_rate, training.steps)
+            charges = training.steps // updates
+            charged = accountant.calibrate_noise_multiplier(dp.target_epsilon, delta, sampling_rate, charges)
+            sigma = update_noise_multiplier(charged, updates)
+        else:
+            sigma, charged = dp.noise_multiplier, charged_noise_multiplier(dp.noise_multiplier, updates)
         return PrivacyLedger(
-            dp.accountant, accountant, sampling_rate, sigma, delta, dp.target_epsilon, dp.warn_fraction, dp.secure_rng
+            dp.accountant,
+            accountant,
+            sampling_rate,
+            charged,
+            delta,
+            dp.target_epsilon,
+            dp.warn_fraction,
+            dp.secure_rng,
+            updates_per_charge=updates,
+            update_noise_multiplier=sigma,
         )
 
     def prepare(self) -> TrainingRun:
@@ -196,14 +225,22 @@ class TenSafeOrchestrator:
                 "or set dp.enabled: false (and give up every privacy claim)"
             )
         self._check_packaging()
+        rl = self._rl_loop(backend)  # rewards resolve before any data is read or sampled
         train_records, eval_records = split_records(self._records(backend), cfg.data.eval_fraction)
         privacy = self._privacy(len(train_records))
         if privacy is not None and cfg.dp.noise_multiplier is None:
             cfg = cfg.model_copy(
-                update={"dp": cfg.dp.model_copy(update={"noise_multiplier": privacy.noise_multiplier})}
+                update={"dp": cfg.dp.model_copy(update={"noise_multiplier": privacy.update_noise_multiplier})}
             )
             self.config = cfg
-        info = backend.initialize_model(cfg)
+        if rl is not None:
+            from tensafe.rl.privacy import backend_config, certificate_details
+
+            if privacy is not None:
+                privacy.details = certificate_details(cfg, rl.config)
+            info = backend.initialize_model(backend_config(cfg))
+        else:
+            info = backend.initialize_model(cfg)
 
         def tokenize(records: Sequence[Record]) -> list[Datum]:
             return [tokenize_record(r, backend.encode, info.eos_token_id, cfg.model.max_seq_len) for r in records]
@@ -221,7 +258,24 @@ class TenSafeOrchestrator:
             sampler=PoissonSampler(len(train_records), sampling_rate, rng),
             rng=rng,
             privacy=privacy,
+            train_records=train_records,
+            rl=rl,
         )
+
+    def _rl_loop(self, backend: MLBackend) -> RLVRLoop | None:
+        """The RL loop for ``mode: rlvr``, its rewards resolved; None for supervised runs."""
+        rl = self.config.rl
+        if self.config.mode != "rlvr" or rl is None:
+            return None
+        from tensafe.rl.loop import RLVRLoop
+        from tensafe.rl.rewards import resolve_rewards
+
+        reward = resolve_rewards(self.registry, rl.rewards)
+        if not capabilities.has(backend, capabilities.POLICY_LOSSES):
+            raise UsageError(
+                f"ML backend {self.config.backend!r} does not implement the policy losses that mode: rlvr needs"
+            )
+        return RLVRLoop(rl, reward)
 
     def held_out_loss(self, run: TrainingRun) -> float | None:
         """Mean cross-entropy per weighted token on the held-out records."""
@@ -235,19 +289,21 @@ class TenSafeOrchestrator:
             tokens += _weight_total(run.eval_data[start : start + size])
         return total / tokens if tokens else None
 
-    def train_step(self, run: TrainingRun) -> dict[str, float]:
-        """One optimizer step on a Poisson-sampled batch, within the privacy budget."""
-        cfg = run.config
+    def admit_batch(self, run: TrainingRun, next_step: int) -> list[int]:
+        """Poisson-sample the next batch, if the step hooks and the privacy budget allow it.
+
+        ``next_step`` is the optimizer step the batch's work will end at. A
+        refused step leaves no trace, not even a drawn batch.
+        """
         rng_before = _rng_state(run.rng)
         indices = run.sampler.sample()
-        next_step = run.step + 1
         reasons = [
             r
             for r in self.pm.hook.tensafe_approve_step(run_id=run.run_id, step=next_step, batch_size=len(indices))
             if r
         ]
         if reasons:
-            _restore_rng(run.rng, rng_before)  # a refused step leaves no trace, not even a drawn batch
+            _restore_rng(run.rng, rng_before)
             raise StepVetoed(next_step, reasons)
         if run.privacy is not None and run.privacy.target_epsilon is not None:
             would_be = run.privacy.epsilon_after_next_step()
@@ -260,6 +316,20 @@ class TenSafeOrchestrator:
                     target_epsilon=run.privacy.target_epsilon,
                     would_be=would_be,
                 )
+        return indices
+
+    def held_out(self, run: TrainingRun) -> tuple[str, float | None]:
+        """The run's held-out measure: mean reward for RLVR runs, cross-entropy loss otherwise."""
+        if run.rl is not None:
+            return "held_out_reward", run.rl.held_out_reward(run.backend, run.eval_records)
+        return "held_out_loss", self.held_out_loss(run)
+
+    def train_step(self, run: TrainingRun) -> dict[str, float]:
+        """One step on a Poisson-sampled batch, within the privacy budget (an RL step for ``mode: rlvr``)."""
+        if run.rl is not None:
+            return run.rl.train_step(self, run)
+        cfg = run.config
+        indices = self.admit_batch(run, run.step + 1)
         batch = [run.train_data[i] for i in indices]
         loss_sum, tokens = 0.0, 0.0
         size = cfg.training.micro_batch_size
@@ -272,9 +342,13 @@ class TenSafeOrchestrator:
         run.step = result.step
         metrics: dict[str, float] = {"batch_size": float(len(batch)), "loss": loss_sum / tokens if tokens else math.nan}
         metrics.update({k: v for k, v in result.metrics.items() if k not in metrics})
+        return self.commit_step(run, metrics)
+
+    def commit_step(self, run: TrainingRun, metrics: dict[str, float]) -> dict[str, float]:
+        """Charge the privacy spend of the batch just applied, then record and report the step."""
         privacy = run.privacy
         if privacy is not None:
-            privacy.accountant.compose_step(privacy.sampling_rate, privacy.noise_multiplier)
+            privacy.charge()
             metrics["epsilon"] = privacy.epsilon()
         run.history.append({"step": float(run.step), **metrics})
         self.pm.hook.tensafe_report_step(run_id=run.run_id, step=run.step, metrics=dict(metrics))
@@ -310,6 +384,7 @@ class TenSafeOrchestrator:
             "history": run.history,
             "privacy": run.privacy.to_state() if run.privacy else None,
             "rng": _rng_state(run.rng),
+            "rl": run.rl.state() if run.rl else None,
         }
         (staging / PROGRESS).write_text(json.dumps(progress), encoding="utf-8")
         previous = directory.with_name(directory.name + ".old")
@@ -337,8 +412,11 @@ class TenSafeOrchestrator:
             raise UsageError(f"checkpoint is torn: backend is at step {step}, progress at {progress['step']}")
         if run.privacy is not None:
             run.privacy.restore(progress["privacy"])
-            if run.privacy.accountant.steps != step:
-                raise UsageError(f"checkpoint is torn: {run.privacy.accountant.steps} steps accounted, {step} taken")
+            accounted = run.privacy.accountant.steps * run.privacy.updates_per_charge
+            if accounted != step:
+                raise UsageError(f"checkpoint is torn: {accounted} steps accounted, {step} taken")
+        if run.rl is not None:
+            run.rl.restore(progress.get("rl"))
         run.step = step
         run.run_id = progress["run_id"]
         run.history = progress["history"]
@@ -582,17 +660,20 @@ class TenSafeOrchestrator:
             probe = (run.eval_data or run.train_data)[:1]
             probe_before = self._probe(run, probe)
             start_step = run.step
-            before = self.held_out_loss(run) if evaluate else None
+            measure, before = self.held_out(run) if evaluate else ("held_out_loss", None)
             samples_before = self.sample_text(run.backend, prompts, cfg.sampling) if prompts else []
             while run.step < cfg.training.steps:
                 self.train_step(run)
                 if cfg.training.eval_every and run.step % cfg.training.eval_every == 0:
-                    run.history[-1]["held_out_loss"] = self.held_out_loss(run) or math.nan
+                    key, value = self.held_out(run)
+                    run.history[-1][key] = math.nan if value is None else value
                 if every and run.step % every == 0 and run.step < cfg.training.steps:
                     self.save_checkpoint(run, checkpoint)
             self.save_checkpoint(run, checkpoint)
-            change = self._adapter_change(probe_before, self._probe(run, probe), run.step > start_step)
-            after = self.held_out_loss(run) if evaluate else None
+            # An RL run whose rewards never varied within a group has nothing to learn from: no change is expected.
+            signal = run.rl is None or run.rl.had_signal or run.privacy is not None
+            change = self._adapter_change(probe_before, self._probe(run, probe), run.step > start_step and signal)
+            after = self.held_out(run)[1] if evaluate else None
             samples_after = self.sample_text(run.backend, prompts, cfg.sampling) if prompts else []
             files = run.backend.export_adapter(run_dir / "adapter")
             package = self._package(run, run_dir) if self._packaging() else None
@@ -604,7 +685,8 @@ class TenSafeOrchestrator:
                 records={"train": len(run.train_data), "eval": len(run.eval_data)},
                 steps=run.step,
                 adapter_change=change,
-                held_out_loss={"before": before, "after": after} if evaluate else None,
+                mode=cfg.mode,
+                **{measure: {"before": before, "after": after} if evaluate else None},
                 privacy=run.privacy.certificate() if run.privacy else None,
                 history=run.history,
                 samples=[
@@ -646,6 +728,13 @@ def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+def _marks(points: list[tuple[int, float]], count: int = REPORT_MARKS) -> list[tuple[int, float]]:
+    """At most ``count`` evenly spread points of a curve, first and last included."""
+    count = min(count, len(points))
+    picks = sorted({round(i * (len(points) - 1) / max(1, count - 1)) for i in range(count)})
+    return [points[i] for i in picks]
+
+
 def render_report(report: dict[str, Any]) -> str:
     """A readable summary of a run report."""
     lines = [f"TenSafe run {report['run_id']}: {report['status']}"]
@@ -657,13 +746,18 @@ def render_report(report: dict[str, Any]) -> str:
     loss = report.get("held_out_loss")
     if loss:
         lines.append(f"  held-out loss: {_fmt(loss['before'])} -> {_fmt(loss['after'])}")
+    reward = report.get("held_out_reward")
+    if reward:
+        lines.append(f"  held-out reward: {_fmt(reward['before'])} -> {_fmt(reward['after'])}")
+    history = report.get("history", [])
+    for key, label in (("held_out_reward", "held-out reward by step"), ("reward", "rollout reward by step")):
+        curve = [(int(h["step"]), h[key]) for h in history if key in h]
+        if curve:
+            lines.append(f"  {label}: " + ", ".join(f"{step}: {value:.3f}" for step, value in _marks(curve)))
     privacy = report.get("privacy")
-    spent = [(int(h["step"]), h["epsilon"]) for h in report.get("history", []) if "epsilon" in h]
+    spent = [(int(h["step"]), h["epsilon"]) for h in history if "epsilon" in h]
     if privacy and spent:
-        count = min(REPORT_MARKS, len(spent))
-        picks = sorted({round(i * (len(spent) - 1) / max(1, count - 1)) for i in range(count)})
-        marks = [spent[i] for i in picks]
-        lines.append("  epsilon by step: " + ", ".join(f"{step}: {eps:.3f}" for step, eps in marks))
+        lines.append("  epsilon by step: " + ", ".join(f"{step}: {eps:.3f}" for step, eps in _marks(spent)))
     if privacy:
         lines.append(
             f"  privacy: epsilon {privacy['epsilon']:.4f} at delta {privacy['delta']:.3g} "

@@ -288,6 +288,9 @@ class TorchBackend(MLBackend):
             per_datum = -(t["weights"] * logprobs * mask).sum(dim=1)
         else:
             config = dict(loss_fn_config or {})
+            # Optional weights select the positions that carry policy loss (e.g. 0 on prompt tokens), so
+            # the ratio metrics describe only the sampled tokens.
+            mask = mask * t["weights"]
             ratio = torch.exp(logprobs - t["sampler_logprobs"]) * mask
             advantages = t["advantages"]
             if loss_fn == "importance_sampling":
@@ -403,10 +406,14 @@ class TorchBackend(MLBackend):
     # -- sampling ----------------------------------------------------------------------
 
     def _generate(
-        self, prompt: Sequence[int], params: SamplingParams, count: int, generator: torch.Generator
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, count: int, generator: torch.Generator
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (tokens, logprobs), each of shape (count,), one position at a time."""
-        ids = torch.tensor([list(prompt)] * count, dtype=torch.long, device=self._device)
+        """Yield (tokens, logprobs), each of shape (prompts * count,), one position at a time.
+
+        The prompts must have one length, so they run as one batch without padding.
+        """
+        ids = torch.tensor([list(p) for p in prompts for _ in range(count)], dtype=torch.long, device=self._device)
+        prompt = prompts[0]
         model = self._peft
         # transformers 5 renamed the KV cache argument and output from past_key_values to cache.
         cache_name = (
@@ -476,16 +483,23 @@ class TorchBackend(MLBackend):
             self._check_prompt(prompt)
         stop_ids, stop_texts = self._stops(sampling_params)
         generator = self._generator_for(sampling_params)
-        responses = []
+        responses: list[SampleResponse] = []
         self._peft.eval()
         try:
             with torch.no_grad():
-                for prompt in prompts:
-                    tokens: list[list[int]] = [[] for _ in range(num_samples)]
-                    logprobs: list[list[float]] = [[] for _ in range(num_samples)]
-                    reasons: list[StopReason | None] = [None] * num_samples
-                    for token, logprob in self._generate(prompt, sampling_params, num_samples, generator):
-                        for i in range(num_samples):
+                # Prompts of one length are generated together: one forward pass per position for all of them.
+                by_length: dict[int, list[int]] = {}
+                for index, prompt in enumerate(prompts):
+                    by_length.setdefault(len(prompt), []).append(index)
+                results: dict[int, SampleResponse] = {}
+                for indices in by_length.values():
+                    rows = len(indices) * num_samples
+                    tokens: list[list[int]] = [[] for _ in range(rows)]
+                    logprobs: list[list[float]] = [[] for _ in range(rows)]
+                    reasons: list[StopReason | None] = [None] * rows
+                    group = [prompts[i] for i in indices]
+                    for token, logprob in self._generate(group, sampling_params, num_samples, generator):
+                        for i in range(rows):
                             if reasons[i] is not None:
                                 continue
                             tokens[i].append(int(token[i]))
@@ -496,8 +510,8 @@ class TorchBackend(MLBackend):
                                 reasons[i] = "stop"
                         if all(r is not None for r in reasons):
                             break
-                    responses.append(
-                        SampleResponse(
+                    for n, index in enumerate(indices):
+                        results[index] = SampleResponse(
                             sequences=[
                                 SampledSequence(
                                     tokens=tokens[i],
@@ -505,10 +519,10 @@ class TorchBackend(MLBackend):
                                     stop_reason=reasons[i] or "length",
                                     text=self.decode(tokens[i]),
                                 )
-                                for i in range(num_samples)
+                                for i in range(n * num_samples, (n + 1) * num_samples)
                             ]
                         )
-                    )
+                responses = [results[i] for i in range(len(prompts))]
         finally:
             self._peft.train()
         return responses
@@ -524,7 +538,7 @@ class TorchBackend(MLBackend):
         self._peft.eval()
         try:
             with torch.no_grad():
-                for token, _ in self._generate(prompt, sampling_params, 1, generator):
+                for token, _ in self._generate([prompt], sampling_params, 1, generator):
                     tokens.append(int(token[0]))
                     text = self.decode(tokens)
                     if text.startswith(shown) and len(text) > len(shown):

@@ -110,12 +110,14 @@ class _ProgressReporter:
     def __init__(self) -> None:
         self.bar: Any = None
         self.last: dict[str, float] = {}
+        self.step = 0
 
     @hookimpl
     def tensafe_report_step(self, step: int, metrics: dict[str, float]) -> None:
         self.last = metrics
         if self.bar is not None:
-            self.bar.update(1)
+            self.bar.update(step - self.step)  # an RL step may take several optimizer steps
+        self.step = step
 
     @hookimpl
     def tensafe_warn_budget(self, epsilon: float, target_epsilon: float) -> None:
@@ -128,7 +130,9 @@ class _ProgressReporter:
 
 def _describe(metrics: dict[str, float]) -> str:
     parts = []
-    if "loss" in metrics:
+    if "reward" in metrics:
+        parts.append(f"reward {metrics['reward']:.3f}")
+    elif "loss" in metrics:
         parts.append(f"loss {metrics['loss']:.3f}")
     if "epsilon" in metrics:
         parts.append(f"eps {metrics['epsilon']:.3f}")
@@ -153,6 +157,7 @@ def _train(
     if resume is not None:
         orchestrator.load_checkpoint(prepared, resume / "checkpoint")
     reporter = _ProgressReporter()
+    reporter.step = prepared.step
     progress: Any = click.progressbar(
         length=config.training.steps - prepared.step,
         label="training",
@@ -223,7 +228,9 @@ run_cmd = _training_command(
 
     With no CONFIG, trains the ML backend's embedded tiny model on its embedded
     dataset (no network). CONFIG is a YAML, TOML or JSON file; see
-    `tensafe config show` for every setting.
+    `tensafe config show` for every setting. With `mode: rlvr` in CONFIG it
+    runs reinforcement learning with verifiable rewards and reports the
+    held-out reward instead of the loss.
     """,
 )
 train_cmd = _training_command(

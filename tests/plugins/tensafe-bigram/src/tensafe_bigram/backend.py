@@ -31,6 +31,7 @@ from tensafe.config import RunConfig
 from tensafe.errors import BackendError
 from tensafe.interfaces import MLBackend
 from tensafe.types import (
+    LOSS_INPUTS,
     AdamParams,
     Datum,
     ForwardBackwardOutput,
@@ -114,10 +115,21 @@ def _log_softmax_row(row: Sequence[float]) -> tuple[list[float], float]:
     return [e * inv for e in exps], top + math.log(total)
 
 
+PPO_CLIP = (0.8, 1.2)
+
+
+def _clip(config: Mapping[str, float] | None) -> tuple[float, float]:
+    """The PPO ratio bounds from a loss_fn_config (Tinker's key names)."""
+    config = config or {}
+    return float(config.get("clip_low_threshold", PPO_CLIP[0])), float(config.get("clip_high_threshold", PPO_CLIP[1]))
+
+
 class BigramBackend(MLBackend):
     """A trainable byte-level bigram language model (pure Python, standard library only)."""
 
-    capabilities: ClassVar[frozenset[str]] = frozenset({capabilities.DP_SGD, capabilities.SEEDED_SAMPLING})
+    capabilities: ClassVar[frozenset[str]] = frozenset(
+        {capabilities.DP_SGD, capabilities.SEEDED_SAMPLING, capabilities.POLICY_LOSSES}
+    )
 
     def __init__(self) -> None:
         self._config: RunConfig | None = None
@@ -175,16 +187,16 @@ class BigramBackend(MLBackend):
 
     def _check_batch(self, data: Sequence[Datum], loss_fn: str, operation: str) -> None:
         self._require_config(operation)
-        if loss_fn != "cross_entropy":
-            raise BackendError(
-                f"the bigram backend supports only the cross_entropy loss, not {loss_fn!r} "
-                "(it does not declare the policy_losses capability)"
-            )
+        if loss_fn not in LOSS_INPUTS:
+            raise BackendError(f"unknown loss_fn {loss_fn!r}; known: {', '.join(sorted(LOSS_INPUTS))}")
         if not data:
             raise BackendError(f"bigram backend: {operation} needs at least one datum, got an empty list")
         for index, datum in enumerate(data):
             if not isinstance(datum, Datum):
                 raise BackendError(f"datum {index} is a {type(datum).__name__}, not a tensafe.types.Datum")
+            missing = LOSS_INPUTS[loss_fn] - set(datum.loss_fn_inputs) - {"weights"}
+            if missing:
+                raise BackendError(f"datum {index}: loss {loss_fn!r} needs loss_fn_inputs {sorted(missing)}")
             for field, tokens in (("model_input", datum.model_input), ("target_tokens", datum.target_tokens)):
                 for position, token in enumerate(tokens):
                     if not 0 <= token < VOCAB_SIZE:
@@ -192,21 +204,30 @@ class BigramBackend(MLBackend):
                             f"datum {index}: {field}[{position}] = {token} is outside the vocabulary [0, {VOCAB_SIZE})"
                         )
 
-    def _run(self, data: Sequence[Datum], with_grads: bool) -> tuple[ForwardBackwardOutput, list[SparseGrad]]:
+    def _run(
+        self,
+        data: Sequence[Datum],
+        with_grads: bool,
+        loss_fn: str = "cross_entropy",
+        clip: tuple[float, float] = PPO_CLIP,
+    ) -> tuple[ForwardBackwardOutput, list[SparseGrad]]:
         table = self._table
         rows: dict[int, tuple[list[float], float]] = {}  # row -> (softmax, log-sum-exp), computed once per call
         outputs: list[dict[str, list[float]]] = []
         grads: list[SparseGrad] = []
         loss_terms: list[float] = []
         weight_terms: list[float] = []
+        clipped = 0
         for datum in data:
             targets = datum.target_tokens
             weights = datum.values("weights", 1.0)
+            sampler = datum.values("logprobs", 0.0)
+            advantages = datum.values("advantages", 0.0)
             logprobs: list[float] = []
             # Per row: total weight of the positions reading it, and weight per target token.
             row_weight: dict[int, float] = {}
             row_targets: dict[int, dict[int, float]] = {}
-            for token, target, weight in zip(datum.model_input, targets, weights, strict=True):
+            for position, (token, target, weight) in enumerate(zip(datum.model_input, targets, weights, strict=True)):
                 cached = rows.get(token)
                 if cached is None:
                     start = token * VOCAB_SIZE
@@ -214,8 +235,18 @@ class BigramBackend(MLBackend):
                     rows[token] = cached
                 logp = table[token * VOCAB_SIZE + target] - cached[1]
                 logprobs.append(logp)
-                loss_terms.append(-weight * logp)
                 weight_terms.append(weight)
+                if loss_fn == "cross_entropy":
+                    loss_terms.append(-weight * logp)
+                else:
+                    # -A r with r = exp(logp - sampler): d/dlogp = -A r, i.e. cross-entropy with weight A r.
+                    ratio, advantage = math.exp(logp - sampler[position]), advantages[position]
+                    loss_terms.append(-weight * advantage * min(ratio, max(clip[0], min(clip[1], ratio))))
+                    active = loss_fn == "importance_sampling" or (
+                        (advantage >= 0 and ratio <= clip[1]) or (advantage < 0 and ratio >= clip[0])
+                    )
+                    clipped += weight != 0 and not active
+                    weight = weight * advantage * ratio if active else 0.0
                 if with_grads and weight != 0.0:
                     row_weight[token] = row_weight.get(token, 0.0) + weight
                     per_target = row_targets.setdefault(token, {})
@@ -230,25 +261,24 @@ class BigramBackend(MLBackend):
                         row_grad[target] -= weight
                     grad[token] = row_grad
                 grads.append(grad)
-        output = ForwardBackwardOutput(
-            loss_fn_output_type="cross_entropy",
-            loss_fn_outputs=outputs,
-            metrics={"loss:sum": math.fsum(loss_terms), "tokens": math.fsum(weight_terms)},
-        )
+        metrics = {"loss:sum": math.fsum(loss_terms), "tokens": math.fsum(weight_terms)}
+        if loss_fn == "ppo":
+            metrics["clip_fraction"] = clipped / max(1, sum(1 for w in weight_terms if w))
+        output = ForwardBackwardOutput(loss_fn_output_type=loss_fn, loss_fn_outputs=outputs, metrics=metrics)
         return output, grads
 
     def forward(
         self, data: Sequence[Datum], loss_fn: LossFnType, loss_fn_config: Mapping[str, float] | None = None
     ) -> ForwardBackwardOutput:
         self._check_batch(data, loss_fn, "forward")
-        output, _ = self._run(data, with_grads=False)
+        output, _ = self._run(data, False, loss_fn, _clip(loss_fn_config))
         return output
 
     def forward_backward(
         self, data: Sequence[Datum], loss_fn: LossFnType, loss_fn_config: Mapping[str, float] | None = None
     ) -> ForwardBackwardOutput:
         self._check_batch(data, loss_fn, "forward_backward")
-        output, grads = self._run(data, with_grads=True)
+        output, grads = self._run(data, True, loss_fn, _clip(loss_fn_config))
         self._pending.extend(grads)
         return output
 
