@@ -134,7 +134,13 @@ class PrivacyBudgetExceeded(TensafeError):
 
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()
-        data.update(epsilon=self.epsilon, delta=self.delta, steps=self.steps, target_epsilon=self.target_epsilon)
+        data.update(
+            epsilon=self.epsilon,
+            delta=self.delta,
+            steps=self.steps,
+            target_epsilon=self.target_epsilon,
+            would_be=self.would_be,
+        )
         return data
 
 

@@ -91,20 +91,32 @@ class BodyLimit:
                 await too_large(scope, receive, send)
                 return
         seen = 0
+        exceeded = False
 
         async def limited() -> Message:
-            nonlocal seen
+            # Past the limit, the app gets an ended body and its response is replaced by the 413.
+            nonlocal seen, exceeded
+            if exceeded:
+                return {"type": "http.request", "body": b"", "more_body": False}
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
-                    raise PayloadTooLarge(f"request body exceeds {self.limit} bytes")
+                    exceeded = True
+                    return {"type": "http.request", "body": b"", "more_body": False}
             return message
 
-        try:
-            await self.app(scope, limited, send)
-        except PayloadTooLarge:
-            await too_large(scope, receive, send)
+        replaced = False
+
+        async def guarded(message: Message) -> None:
+            nonlocal replaced
+            if not exceeded:
+                await send(message)
+            elif not replaced:
+                replaced = True
+                await too_large(scope, limited, send)
+
+        await self.app(scope, limited, guarded)
 
 
 def _tenant(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
