@@ -99,6 +99,10 @@ class LiveServer:
     process: subprocess.Popen[bytes] | None = None
 
     @property
+    def log(self) -> Path:
+        return self.data_dir.parent / f"server-{self.port}.log"
+
+    @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
@@ -108,18 +112,19 @@ class LiveServer:
             env["TENSAFE_DATABASE_URL"] = self.database
         if extra_path is not None:
             env["PYTHONPATH"] = os.pathsep.join([str(extra_path), env.get("PYTHONPATH", "")])
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "tensafe.cli.main", "serve", "--port", str(self.port)],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with self.log.open("ab") as log:  # a file, not a pipe: a full pipe would block the server
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "tensafe.cli.main", "serve", "--port", str(self.port)],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise AssertionError(
-                    f"server exited: {self.process.stderr.read().decode() if self.process.stderr else ''}"
-                )
+                raise AssertionError(f"server exited: {self.log.read_text()}")
             try:
                 if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
                     return
