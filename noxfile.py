@@ -33,7 +33,7 @@ PREINSTALL = {"tensafe-torch": ["torch==2.13.0"]}
 PRESENT = [dist for dist in PLUGIN_TESTS if (ROOT / dist / "pyproject.toml").is_file()]
 nox.options.sessions += [f"plugin({dist})" for dist in PRESENT]
 if "tensafe-torch" in PRESENT:
-    nox.options.sessions.append("e2e")
+    nox.options.sessions += ["e2e", "server"]
 
 CORE_ONLY_TESTS = [
     "tests/core/test_core_only.py",
@@ -54,7 +54,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """mypy --strict on tensafe-core."""
-    session.install("mypy>=1.10", "./tensafe-core[testing]")
+    session.install("mypy>=1.10", "./tensafe-core[testing,server,postgres]")
     session.run("mypy")
 
 
@@ -98,11 +98,52 @@ def e2e(session: nox.Session) -> None:
     session.run("pytest", "tests/e2e", *session.posargs, env=STRICT)
 
 
+POSTGRES_URL_ENV = "TENSAFE_TEST_POSTGRES_URL"
+POSTGRES_SCRIPT = "scripts/postgres-for-tests.sh"
+
+
+def _postgres_url(session: nox.Session) -> str | None:
+    """The PostgreSQL URL to test against: given in the environment, or started by the script when possible."""
+    import os
+    import shutil
+    import subprocess
+
+    if os.environ.get(POSTGRES_URL_ENV):
+        return os.environ[POSTGRES_URL_ENV]
+    has_postgres = any(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if not has_postgres and (os.geteuid() != 0 or shutil.which("apt-get") is None):
+        session.warn(f"no PostgreSQL and no way to install it: testing SQLite only (set {POSTGRES_URL_ENV})")
+        return None
+    result = subprocess.run(["bash", str(ROOT / POSTGRES_SCRIPT)], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        session.error(f"{POSTGRES_SCRIPT} failed:\n{result.stderr}")
+    return result.stdout.strip().splitlines()[-1]
+
+
+@nox.session
+def server(session: nox.Session) -> None:
+    """tensafe serve and the SDK (core[server,postgres] with privacy, torch, tgsp), on SQLite and PostgreSQL."""
+    session.install(*PREINSTALL["tensafe-torch"])
+    session.install(
+        "./tensafe-core[testing,server,postgres]",
+        "./tensafe-privacy",
+        "./tensafe-torch",
+        "./tensafe-tgsp",
+        f"./{THIRD_PARTY_PLUGIN}",
+        *TEST_TOOLS,
+    )
+    env = dict(STRICT)
+    url = _postgres_url(session)
+    if url:
+        env[POSTGRES_URL_ENV] = url
+    session.run("pytest", "tests/server", "tests/sdk", *session.posargs, env=env)
+
+
 @nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks (not run by default): each prints ratios against a baseline run in the same process."""
     if "tensafe-torch" in PRESENT:
         session.install(*PREINSTALL["tensafe-torch"])
-    session.install("./tensafe-core", f"./{THIRD_PARTY_PLUGIN}", *[f"./{d}" for d in PRESENT])
+    session.install("./tensafe-core[server]", f"./{THIRD_PARTY_PLUGIN}", *[f"./{d}" for d in PRESENT])
     for script in sorted((ROOT / "benchmarks").glob("*.py")):
         session.run("python", str(script.relative_to(ROOT)), env=STRICT)
