@@ -384,6 +384,9 @@ def serve_cmd(ctx: click.Context, host: str, port: int, data_dir: Path, database
     from tensafe.server.app import create_app
 
     service = _service(ctx, data_dir, database)
+    failed = service.recover()
+    if failed:
+        click.echo(f"{failed} operations from before a restart are reported failed (retryable)", err=True)
     click.echo(f"tensafe serve: http://{host}:{port} (data in {data_dir})", err=True)
     try:
         uvicorn.run(create_app(service), host=host, port=port, log_level="warning", access_log=False)

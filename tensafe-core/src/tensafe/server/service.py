@@ -98,7 +98,6 @@ class SessionService:
         self._loading = threading.Lock()
         self._done: dict[str, threading.Event] = {}
         self._tenant_keys: dict[str, bytes] = {}
-        self.recover()
 
     def close(self) -> None:
         for live in list(self._live.values()):
@@ -116,6 +115,9 @@ class SessionService:
 
     def recover(self) -> int:
         """Report work that a previous process accepted but never finished as failed and retryable.
+
+        Called by ``tensafe serve`` at start (not by the key and audit commands,
+        which may run beside a live server).
 
         Gradients accumulated by forward_backward calls after a session's last
         committed step lived only in that process's memory, so those calls are
