@@ -37,7 +37,10 @@ def test_a_killed_server_resumes_at_the_last_committed_step(live_server: LiveSer
         running = session.forward_backward(batch(5, size=SLOW_BATCH))
         queued = session.optim_step()
         time.sleep(1.0)
-        assert not running.done()
+        headers = {"Authorization": f"Bearer {key}"}
+        for future in (running, queued):  # accepted, not finished
+            status = httpx.get(f"{live_server.url}/api/v1/futures/{future.future_id}", headers=headers).json()
+            assert status["status"] == "queued"
         live_server.kill()
         live_server.start(extra_path=plugin_dir)
         for future in (running, queued):
