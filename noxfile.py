@@ -36,7 +36,7 @@ PYFHEL = "pyfhel==3.5.0"
 PRESENT = [dist for dist in PLUGIN_TESTS if (ROOT / dist / "pyproject.toml").is_file()]
 nox.options.sessions += [f"plugin({dist})" for dist in PRESENT]
 if "tensafe-torch" in PRESENT:
-    nox.options.sessions.append("e2e")
+    nox.options.sessions += ["e2e", "server"]
 
 CORE_ONLY_TESTS = [
     "tests/core/test_core_only.py",
@@ -66,7 +66,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """mypy --strict on tensafe-core."""
-    session.install("mypy>=1.10", "numpy>=1.24", "./tensafe-core[testing]")
+    session.install("mypy>=1.10", "numpy>=1.24", "./tensafe-core[testing,server,postgres]")
     session.run("mypy")
 
 
@@ -114,6 +114,47 @@ def e2e(session: nox.Session) -> None:
     session.run("pytest", "tests/e2e", *session.posargs, env=STRICT)
 
 
+POSTGRES_URL_ENV = "TENSAFE_TEST_POSTGRES_URL"
+POSTGRES_SCRIPT = "scripts/postgres-for-tests.sh"
+
+
+def _postgres_url(session: nox.Session) -> str | None:
+    """The PostgreSQL URL to test against: given in the environment, or started by the script when possible."""
+    import os
+    import shutil
+    import subprocess
+
+    if os.environ.get(POSTGRES_URL_ENV):
+        return os.environ[POSTGRES_URL_ENV]
+    has_postgres = any(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if not has_postgres and (os.geteuid() != 0 or shutil.which("apt-get") is None):
+        session.warn(f"no PostgreSQL and no way to install it: testing SQLite only (set {POSTGRES_URL_ENV})")
+        return None
+    result = subprocess.run(["bash", str(ROOT / POSTGRES_SCRIPT)], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        session.error(f"{POSTGRES_SCRIPT} failed:\n{result.stderr}")
+    return result.stdout.strip().splitlines()[-1]
+
+
+@nox.session
+def server(session: nox.Session) -> None:
+    """tensafe serve and the SDK (core[server,postgres] with privacy, torch, tgsp), on SQLite and PostgreSQL."""
+    session.install(*PREINSTALL["tensafe-torch"])
+    session.install(
+        "./tensafe-core[testing,server,postgres]",
+        "./tensafe-privacy",
+        "./tensafe-torch",
+        "./tensafe-tgsp",
+        f"./{THIRD_PARTY_PLUGIN}",
+        *TEST_TOOLS,
+    )
+    env = dict(STRICT)
+    url = _postgres_url(session)
+    if url:
+        env[POSTGRES_URL_ENV] = url
+    session.run("pytest", "tests/server", "tests/sdk", *session.posargs, env=env)
+
+
 @nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks (not run by default): each prints ratios against a baseline run in the same process."""
@@ -122,6 +163,6 @@ def bench(session: nox.Session) -> None:
     if NEEDS_PYFHEL & set(PRESENT):
         _install_pyfhel(session)
     # TenSEAL is the HE-LoRA benchmark's baseline only; no distribution depends on it.
-    session.install("./tensafe-core", f"./{THIRD_PARTY_PLUGIN}", *[f"./{d}" for d in PRESENT], "tenseal")
+    session.install("./tensafe-core[server]", f"./{THIRD_PARTY_PLUGIN}", *[f"./{d}" for d in PRESENT], "tenseal")
     for script in sorted((ROOT / "benchmarks").glob("*.py")):
         session.run("python", str(script.relative_to(ROOT)), env=STRICT)

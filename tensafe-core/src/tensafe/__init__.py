@@ -13,4 +13,14 @@ from tensafe.hookspecs import hookimpl
 
 __version__ = "0.1.0"
 
-__all__ = ["TensafeError", "__version__", "hookimpl"]
+__all__ = ["InferenceSession", "TenSafeClient", "TensafeError", "TrainingSession", "__version__", "hookimpl"]
+_SDK = frozenset({"TenSafeClient", "TrainingSession", "InferenceSession"})
+
+
+def __getattr__(name: str) -> object:
+    # The SDK loads on first use, so `import tensafe` stays cheap.
+    if name in _SDK:
+        from tensafe import sdk
+
+        return getattr(sdk, name)
+    raise AttributeError(f"module 'tensafe' has no attribute {name!r}")

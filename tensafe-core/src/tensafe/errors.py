@@ -134,5 +134,47 @@ class PrivacyBudgetExceeded(TensafeError):
 
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()
-        data.update(epsilon=self.epsilon, delta=self.delta, steps=self.steps, target_epsilon=self.target_epsilon)
+        data.update(
+            epsilon=self.epsilon,
+            delta=self.delta,
+            steps=self.steps,
+            target_epsilon=self.target_epsilon,
+            would_be=self.would_be,
+        )
+        return data
+
+
+class NotFound(UsageError):
+    """The session, future or artifact does not exist (or belongs to someone else: the two look alike)."""
+
+    code = "not_found"
+
+
+class Unauthorized(TensafeError):
+    """The request carries no API key, or one that is unknown or revoked."""
+
+    exit_code = 2
+    code = "unauthorized"
+
+
+class PayloadTooLarge(UsageError):
+    """The request body is larger than the server accepts."""
+
+    code = "payload_too_large"
+
+
+class OperationFailed(TensafeError):
+    """Queued work did not finish; ``retryable`` says whether submitting it again is safe and useful."""
+
+    code = "operation_failed"
+
+    def __init__(self, message: str, *, code: str | None = None, retryable: bool = False) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+        self.retryable = retryable
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        data["retryable"] = self.retryable
         return data

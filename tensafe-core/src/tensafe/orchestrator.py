@@ -42,6 +42,11 @@ CHECKPOINT_FORMAT = "tensafe-checkpoint-1"
 BACKEND_STATE = "backend_state.bin"
 PROGRESS = "progress.json"
 CHECKPOINT_DIR = "checkpoint"
+#: How the certificate describes the sampling its epsilon assumes.
+SAMPLING_BY_ORCHESTRATOR = "poisson, by the orchestrator"
+SAMPLING_DECLARED = (
+    "poisson at a rate declared by the caller, who supplied the batches (an assumption, not a guarantee)"
+)
 
 
 EMBEDDED_MODEL_ID = "tensafe-embedded-tiny-llama"
@@ -87,6 +92,7 @@ class PrivacyLedger:
     update_noise_multiplier: float = 0.0
     details: dict[str, Any] = field(default_factory=dict)
     warned: bool = False
+    sampling: str = SAMPLING_BY_ORCHESTRATOR
 
     def charge(self) -> None:
         """Account for one sampled batch (``updates_per_charge`` optimizer steps)."""
@@ -94,6 +100,20 @@ class PrivacyLedger:
 
     def epsilon(self) -> float:
         return self.accountant.get_epsilon(self.delta)
+
+    def check_budget(self, steps: int) -> None:
+        """Refuse (before it runs) a step that would take the spend past the target epsilon."""
+        if self.target_epsilon is None:
+            return
+        would_be = self.epsilon_after_next_step()
+        if would_be > self.target_epsilon:
+            raise PrivacyBudgetExceeded(
+                epsilon=self.epsilon(),
+                delta=self.delta,
+                steps=steps,
+                target_epsilon=self.target_epsilon,
+                would_be=would_be,
+            )
 
     def epsilon_after_next_step(self) -> float:
         """Epsilon the run would reach after one more step, computed on a copy."""
@@ -112,7 +132,7 @@ class PrivacyLedger:
             "sampling_rate": self.sampling_rate,
             "noise_multiplier": self.noise_multiplier,
             "neighbouring_relation": "add_or_remove_one",
-            "sampling": "poisson, by the orchestrator",
+            "sampling": self.sampling,
             "randomness": "os-csprng" if self.secure_rng else "seeded (no guarantee against whoever knows the seed)",
             **self.details,
         }
@@ -183,14 +203,25 @@ class TenSafeOrchestrator:
             raise UsageError(f"no dataset configured and ML backend {self.config.backend!r} ships none; set data.path")
         return load_records(Path(path), max_records=self.config.data.max_records)
 
-    def _privacy(self, n_train: int) -> PrivacyLedger | None:
+    def _privacy(self, n_train: int | None, declared_rate: float | None = None) -> PrivacyLedger | None:
+        """The ledger for a run over ``n_train`` records, sampled by the orchestrator.
+
+        With ``declared_rate`` the caller supplies the batches and declares their
+        sampling rate; ``n_train`` (if known) then only sets the default delta.
+        """
         dp, training = self.config.dp, self.config.training
         if not dp.enabled:
             return None
         accountant = self.registry.accountant(dp.accountant)
-        sampling_rate = min(1.0, training.batch_size / n_train)
-        delta = dp.target_delta if dp.target_delta is not None else 1.0 / (10 * n_train)
-        if delta >= 1.0 / n_train:
+        if declared_rate is None:
+            assert n_train is not None
+            sampling_rate = min(1.0, training.batch_size / n_train)
+        else:
+            sampling_rate = declared_rate
+        if dp.target_delta is None and n_train is None:
+            raise UsageError("set dp.target_delta, or declare the dataset size so delta defaults to 1 / (10 n)")
+        delta = dp.target_delta if dp.target_delta is not None else 1.0 / (10 * (n_train or 1))
+        if n_train is not None and delta >= 1.0 / n_train:
             raise UsageError(f"dp.target_delta {delta:g} must be below 1 / records ({1.0 / n_train:g})")
         from tensafe.rl.privacy import charged_noise_multiplier, update_noise_multiplier
 
@@ -213,26 +244,35 @@ class TenSafeOrchestrator:
             dp.secure_rng,
             updates_per_charge=updates,
             update_noise_multiplier=sigma,
+            sampling=SAMPLING_BY_ORCHESTRATOR if declared_rate is None else SAMPLING_DECLARED,
         )
+
+    def training_backend(self) -> MLBackend:
+        """The configured ML backend, refused if the config asks for DP it cannot do."""
+        backend = self.registry.ml_backend(self.config.backend)
+        if self.config.dp.enabled and not capabilities.has(backend, capabilities.DP_SGD):
+            raise UsageError(
+                f"ML backend {self.config.backend!r} does not implement DP-SGD; use a backend that does, "
+                "or set dp.enabled: false (and give up every privacy claim)"
+            )
+        return backend
+
+    def calibrated_privacy(self, n_train: int | None, declared_rate: float | None = None) -> PrivacyLedger | None:
+        """The privacy ledger; a calibrated noise multiplier is written back into the config."""
+        privacy = self._privacy(n_train, declared_rate)
+        if privacy is not None and self.config.dp.noise_multiplier is None:
+            dp = self.config.dp.model_copy(update={"noise_multiplier": privacy.update_noise_multiplier})
+            self.config = self.config.model_copy(update={"dp": dp})
+        return privacy
 
     def prepare(self) -> TrainingRun:
         """Resolve backends, load and split data, calibrate noise, load the model."""
-        cfg = self.config
-        backend = self.registry.ml_backend(cfg.backend)
-        if cfg.dp.enabled and not capabilities.has(backend, capabilities.DP_SGD):
-            raise UsageError(
-                f"ML backend {cfg.backend!r} does not implement DP-SGD; use a backend that does, "
-                "or set dp.enabled: false (and give up every privacy claim)"
-            )
+        backend = self.training_backend()
         self._check_packaging()
         rl = self._rl_loop(backend)  # rewards resolve before any data is read or sampled
-        train_records, eval_records = split_records(self._records(backend), cfg.data.eval_fraction)
-        privacy = self._privacy(len(train_records))
-        if privacy is not None and cfg.dp.noise_multiplier is None:
-            cfg = cfg.model_copy(
-                update={"dp": cfg.dp.model_copy(update={"noise_multiplier": privacy.update_noise_multiplier})}
-            )
-            self.config = cfg
+        train_records, eval_records = split_records(self._records(backend), self.config.data.eval_fraction)
+        privacy = self.calibrated_privacy(len(train_records))
+        cfg = self.config
         if rl is not None:
             from tensafe.rl.privacy import backend_config, certificate_details
 
@@ -289,6 +329,45 @@ class TenSafeOrchestrator:
             tokens += _weight_total(run.eval_data[start : start + size])
         return total / tokens if tokens else None
 
+    def admit_step(
+        self,
+        run_id: str,
+        next_step: int,
+        batch_size: int,
+        privacy: PrivacyLedger | None,
+        *,
+        steps_taken: int | None = None,
+    ) -> None:
+        """Ask the veto hooks, then the privacy budget, whether the work ending at ``next_step`` may run.
+
+        ``steps_taken`` (default ``next_step - 1``) is what a refusal reports as done.
+        """
+        reasons = [
+            r for r in self.pm.hook.tensafe_approve_step(run_id=run_id, step=next_step, batch_size=batch_size) if r
+        ]
+        if reasons:
+            raise StepVetoed(next_step, reasons)
+        if privacy is not None:
+            privacy.check_budget(next_step - 1 if steps_taken is None else steps_taken)
+
+    def record_step(self, run_id: str, step: int, metrics: dict[str, float], privacy: PrivacyLedger | None) -> None:
+        """Charge the accountant for work that ran, then report, audit and warn about it."""
+        if privacy is not None:
+            privacy.charge()
+            metrics["epsilon"] = privacy.epsilon()
+        self.pm.hook.tensafe_report_step(run_id=run_id, step=step, metrics=dict(metrics))
+        self.audit("train.step", run_id, step=step, **metrics)
+        if (
+            privacy is not None
+            and privacy.target_epsilon is not None
+            and not privacy.warned
+            and metrics["epsilon"] >= privacy.warn_fraction * privacy.target_epsilon
+        ):
+            privacy.warned = True
+            self.pm.hook.tensafe_warn_budget(
+                run_id=run_id, epsilon=metrics["epsilon"], delta=privacy.delta, target_epsilon=privacy.target_epsilon
+            )
+
     def admit_batch(self, run: TrainingRun, next_step: int) -> list[int]:
         """Poisson-sample the next batch, if the step hooks and the privacy budget allow it.
 
@@ -297,25 +376,11 @@ class TenSafeOrchestrator:
         """
         rng_before = _rng_state(run.rng)
         indices = run.sampler.sample()
-        reasons = [
-            r
-            for r in self.pm.hook.tensafe_approve_step(run_id=run.run_id, step=next_step, batch_size=len(indices))
-            if r
-        ]
-        if reasons:
+        try:
+            self.admit_step(run.run_id, next_step, len(indices), run.privacy, steps_taken=run.step)
+        except (StepVetoed, PrivacyBudgetExceeded):
             _restore_rng(run.rng, rng_before)
-            raise StepVetoed(next_step, reasons)
-        if run.privacy is not None and run.privacy.target_epsilon is not None:
-            would_be = run.privacy.epsilon_after_next_step()
-            if would_be > run.privacy.target_epsilon:
-                _restore_rng(run.rng, rng_before)
-                raise PrivacyBudgetExceeded(
-                    epsilon=run.privacy.epsilon(),
-                    delta=run.privacy.delta,
-                    steps=run.step,
-                    target_epsilon=run.privacy.target_epsilon,
-                    would_be=would_be,
-                )
+            raise
         return indices
 
     def held_out(self, run: TrainingRun) -> tuple[str, float | None]:
@@ -346,26 +411,8 @@ class TenSafeOrchestrator:
 
     def commit_step(self, run: TrainingRun, metrics: dict[str, float]) -> dict[str, float]:
         """Charge the privacy spend of the batch just applied, then record and report the step."""
-        privacy = run.privacy
-        if privacy is not None:
-            privacy.charge()
-            metrics["epsilon"] = privacy.epsilon()
+        self.record_step(run.run_id, run.step, metrics, run.privacy)
         run.history.append({"step": float(run.step), **metrics})
-        self.pm.hook.tensafe_report_step(run_id=run.run_id, step=run.step, metrics=dict(metrics))
-        self.audit("train.step", run.run_id, step=run.step, **metrics)
-        if (
-            privacy is not None
-            and privacy.target_epsilon is not None
-            and not privacy.warned
-            and metrics["epsilon"] >= privacy.warn_fraction * privacy.target_epsilon
-        ):
-            privacy.warned = True
-            self.pm.hook.tensafe_warn_budget(
-                run_id=run.run_id,
-                epsilon=metrics["epsilon"],
-                delta=privacy.delta,
-                target_epsilon=privacy.target_epsilon,
-            )
         return metrics
 
     # -- checkpoints ----------------------------------------------------------
@@ -451,21 +498,30 @@ class TenSafeOrchestrator:
         self.registry.registration("tgsp_loader", tgsp.loader)
 
     def _package(self, run: TrainingRun, run_dir: Path) -> dict[str, Any]:
-        """Sign and encrypt the exported adapter with its privacy certificate."""
         tgsp = run.config.tgsp
-        assert tgsp is not None and tgsp.signing_key is not None
+        assert tgsp is not None
+        return self.package_adapter(
+            run.config, run_dir / "adapter", tgsp.output or run_dir / "adapter.tgsp", run.privacy
+        )
+
+    def package_adapter(
+        self, config: RunConfig, adapter_dir: Path, output: Path, privacy: PrivacyLedger | None
+    ) -> dict[str, Any]:
+        """Sign and encrypt an exported adapter with its privacy certificate."""
+        tgsp = config.tgsp
+        if tgsp is None or tgsp.signing_key is None:
+            raise UsageError("packaging needs tgsp.signing_key and tgsp.recipients in the config")
         loader = self.registry.tgsp_loader(tgsp.loader)
-        output = tgsp.output or run_dir / "adapter.tgsp"
         certificate = None
-        if run.privacy is not None:
-            certificate = {**run.privacy.certificate(), "max_grad_norm": run.config.dp.max_grad_norm}
+        if privacy is not None:
+            certificate = {**privacy.certificate(), "max_grad_norm": config.dp.max_grad_norm}
         manifest = loader.pack(
-            run_dir / "adapter",
+            adapter_dir,
             output,
             signing_key=tgsp.signing_key,
             recipients=tgsp.recipients,
-            base_model=base_model_id(run.config),
-            lora_config=run.config.lora.model_dump(),
+            base_model=base_model_id(config),
+            lora_config=config.lora.model_dump(),
             privacy_certificate=certificate,
         )
         self.audit("artifact.package", str(output), package_id=manifest.get("package_id"))

@@ -1,4 +1,4 @@
-"""The core commands: plugins, run, train, inference, serve."""
+"""The core commands: plugins, run, train, inference, serve, keys, audit."""
 
 from __future__ import annotations
 
@@ -348,23 +348,152 @@ def inference_cmd(
 # -- serving ------------------------------------------------------------------
 
 
+DATA_DIR_OPTION = click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path("tensafe-data"),
+    show_default=True,
+    envvar="TENSAFE_DATA_DIR",
+    help="Where the server keeps its database (SQLite), master key and encrypted artifacts.",
+)
+DATABASE_OPTION = click.option(
+    "--database",
+    metavar="URL",
+    envvar="TENSAFE_DATABASE_URL",
+    help="SQLAlchemy URL, e.g. postgresql://user:pw@host/db (default: SQLite in the data directory).",
+)
+
+
+def _service(ctx: click.Context, data_dir: Path, database: str | None) -> Any:
+    from tensafe.server import require
+
+    require("sqlalchemy")
+    require("cryptography")
+    from tensafe.server.service import SessionService
+
+    return SessionService(data_dir, database=database, plugin_manager=plugin_manager(ctx))
+
+
 @click.command("serve")
-@CONFIG_ARG
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8700, show_default=True, type=int, help="Port to listen on.")
+@DATA_DIR_OPTION
+@DATABASE_OPTION
 @click.pass_context
-def serve_cmd(ctx: click.Context, config_file: Path | None, host: str, port: int) -> None:
-    """Serve the training and inference HTTP API (/api/v1/training, /api/v1/inference).
+def serve_cmd(ctx: click.Context, host: str, port: int, data_dir: Path, database: str | None) -> None:
+    """Serve the training and inference HTTP API (/api/v1/training, /api/v1/inference, /docs).
 
-    Needs an ML backend (tensafe-torch) and the server extra (tensafe-core[server]).
+    Needs the server extra (pip install 'tensafe-core[server]') and an ML
+    backend (tensafe-torch). Create API keys with `tensafe keys create`.
     """
-    from tensafe.errors import MissingDependencyError
+    from tensafe.config import RunConfig
+    from tensafe.server import require
 
-    config = _load(config_file)
-    plugin_manager(ctx).registry.registration("ml_backend", config.backend)
-    raise MissingDependencyError(
-        "the HTTP server is not included in this tensafe-core release; use the CLI or the Python API"
-    )
+    registry = plugin_manager(ctx).registry
+    if not registry.registrations("ml_backend"):
+        registry.registration("ml_backend", RunConfig().backend)  # raises, saying what to install
+    for module in ("fastapi", "uvicorn"):
+        require(module)
+    import uvicorn
+
+    from tensafe.server.app import create_app
+
+    service = _service(ctx, data_dir, database)
+    failed = service.recover()
+    if failed:
+        click.echo(f"{failed} operations from before a restart are reported failed (retryable)", err=True)
+    click.echo(f"tensafe serve: http://{host}:{port} (data in {data_dir})", err=True)
+    try:
+        uvicorn.run(create_app(service), host=host, port=port, log_level="warning", access_log=False)
+    finally:
+        service.close()
 
 
-CORE_COMMANDS = (plugins_cmd, run_cmd, train_cmd, inference_cmd, serve_cmd)
+@click.group("keys")
+def keys_cmd() -> None:
+    """Create, list and revoke the server's API keys (one tenant per name)."""
+
+
+@keys_cmd.command("create")
+@click.argument("tenant")
+@click.option("--label", default="", help="A note on what the key is for.")
+@DATA_DIR_OPTION
+@DATABASE_OPTION
+@click.pass_context
+def keys_create(ctx: click.Context, tenant: str, label: str, data_dir: Path, database: str | None) -> None:
+    """Create an API key for TENANT (created if new); the key is printed once, only its hash is kept."""
+    from tensafe.server.auth import create_key
+
+    service = _service(ctx, data_dir, database)
+    try:
+        with service.db() as db:
+            key_id, key = create_key(db, service.keyring, tenant, label)
+    finally:
+        service.close()
+    click.echo(f"key id {key_id} for tenant {tenant!r}; store this key now, it is not shown again:", err=True)
+    click.echo(key)
+
+
+@keys_cmd.command("list")
+@DATA_DIR_OPTION
+@DATABASE_OPTION
+@click.pass_context
+def keys_list(ctx: click.Context, data_dir: Path, database: str | None) -> None:
+    """List API keys as JSON (ids, tenants, labels; never the keys)."""
+    from tensafe.server.auth import list_keys
+
+    service = _service(ctx, data_dir, database)
+    try:
+        with service.db() as db:
+            _emit_json(list_keys(db))
+    finally:
+        service.close()
+
+
+@keys_cmd.command("revoke")
+@click.argument("key_id")
+@DATA_DIR_OPTION
+@DATABASE_OPTION
+@click.pass_context
+def keys_revoke(ctx: click.Context, key_id: str, data_dir: Path, database: str | None) -> None:
+    """Revoke the API key KEY_ID; requests with it get 401 from then on."""
+    from tensafe.server.auth import revoke_key
+
+    service = _service(ctx, data_dir, database)
+    try:
+        with service.db() as db:
+            revoke_key(db, key_id)
+    finally:
+        service.close()
+    click.echo(f"revoked {key_id}")
+
+
+@click.group("audit")
+def audit_cmd() -> None:
+    """Inspect the server's per-tenant, hash-chained audit log."""
+
+
+@audit_cmd.command("verify")
+@DATA_DIR_OPTION
+@DATABASE_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print the verification of each tenant as JSON.")
+@click.pass_context
+def audit_verify(ctx: click.Context, data_dir: Path, database: str | None, as_json: bool) -> None:
+    """Check every tenant's audit chain; exits 1 if any record was edited, deleted or reordered."""
+    service = _service(ctx, data_dir, database)
+    try:
+        results = service.verify_all()
+    finally:
+        service.close()
+    if as_json:
+        _emit_json({name: r.model_dump() for name, r in results.items()})
+    else:
+        for name, result in results.items():
+            click.echo(f"{name}: {'ok' if result.ok else 'BROKEN'} ({result.records} records)")
+            for problem in result.problems:
+                click.echo(f"  {problem}")
+    if not all(r.ok for r in results.values()):
+        ctx.exit(1)
+
+
+CORE_COMMANDS = (plugins_cmd, run_cmd, train_cmd, inference_cmd, serve_cmd, keys_cmd, audit_cmd)

@@ -1,0 +1,159 @@
+"""The session API's request and response bodies, shared by the SDK and the HTTP server.
+
+They compose the core's types (:mod:`tensafe.types`) and configuration
+(:mod:`tensafe.config`); every model forbids unknown fields, so a typo in a
+request is an error naming the field.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tensafe.config import RunConfig
+from tensafe.types import AdamParams, Datum, LossFnType, SampleResponse, SamplingParams
+
+#: Most data in one forward_backward request, prompts in one sample request, samples per prompt.
+MAX_BATCH = 4096
+MAX_PROMPTS = 256
+MAX_SAMPLES = 64
+
+FutureStatus = Literal["queued", "running", "completed", "failed"]
+SessionKind = Literal["training", "inference"]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TrainingSessionCreate(_Body):
+    """Start a training session: a model with a fresh LoRA adapter, trained on batches the caller supplies."""
+
+    config: RunConfig = Field(default_factory=RunConfig, description="Model, LoRA, DP and optimizer settings.")
+    sampling_rate: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Poisson sampling rate q at which the caller draws its batches; required with DP. "
+        "The privacy certificate records it as declared by the caller.",
+    )
+    dataset_size: int | None = Field(
+        None, ge=1, description="Records the caller samples from; sets the default delta 1 / (10 n)."
+    )
+
+
+class ForwardBackwardRequest(_Body):
+    """Compute the loss of a batch and accumulate its gradients for the next optimizer step."""
+
+    data: list[Datum] = Field(min_length=1, max_length=MAX_BATCH)
+    loss_fn: LossFnType = "cross_entropy"
+    loss_fn_config: dict[str, float] | None = None
+
+
+class OptimStepRequest(_Body):
+    """Apply the accumulated gradients; charges the privacy accountant for one step."""
+
+    adam_params: AdamParams | None = Field(None, description="None = the session config's optimizer.")
+
+
+class SampleRequest(_Body):
+    """Generate continuations of text prompts with the current adapter."""
+
+    prompts: list[str] = Field(min_length=1, max_length=MAX_PROMPTS)
+    sampling_params: SamplingParams | None = Field(None, description="None = the session config's sampling.")
+    num_samples: int = Field(1, ge=1, le=MAX_SAMPLES)
+
+
+class SampleResult(_Body):
+    responses: list[SampleResponse]
+
+
+class SaveStateRequest(_Body):
+    name: str | None = Field(None, max_length=200, description="A label for the saved state.")
+
+
+class SavedState(_Body):
+    """A saved state (adapter, optimizer and privacy spend together)."""
+
+    state_id: str
+    step: int
+    epsilon: float | None
+
+
+class LoadStateRequest(_Body):
+    state_id: str = Field(min_length=1, max_length=200)
+
+
+class PrivacySpent(_Body):
+    """What a session has spent, and what that number assumes."""
+
+    epsilon: float
+    delta: float
+    steps: int
+    target_epsilon: float | None
+    sampling_rate: float
+    noise_multiplier: float
+    sampling: str = Field(description="How the batches were sampled: by the orchestrator, or declared by the caller.")
+    randomness: str
+
+
+class SessionInfo(_Body):
+    session_id: str
+    kind: SessionKind
+    step: int = 0
+    privacy: PrivacySpent | None = None
+    pending: int = Field(0, description="Operations queued or running.")
+    created: float
+
+
+class ErrorInfo(_Body):
+    error: str = Field(description="A stable error code.")
+    message: str
+    retryable: bool = False
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class FutureInfo(_Body):
+    """A queued operation: its status, then its result or error."""
+
+    future_id: str
+    session_id: str
+    operation: Literal["forward_backward", "optim_step"]
+    status: FutureStatus
+    result: dict[str, Any] | None = None
+    error: ErrorInfo | None = None
+
+
+class ExportRequest(_Body):
+    name: str | None = Field(None, max_length=200)
+
+
+class ExportedPackage(_Body):
+    artifact_id: str
+    package_id: str | None
+    step: int
+
+
+class InferenceSessionCreate(_Body):
+    """Serve a base model, or a base model with an adapter from a TGSP package the tenant owns."""
+
+    config: RunConfig = Field(default_factory=RunConfig)
+    adapter_artifact_id: str | None = Field(None, description="A .tgsp package artifact (from export_tgsp).")
+
+
+class AuditRecordInfo(_Body):
+    seq: int
+    time: float
+    operation: str
+    subject: str
+    request_hash: str
+    result_hash: str
+    epsilon: float | None
+    hash: str
+
+
+class AuditVerification(_Body):
+    ok: bool
+    records: int
+    problems: list[str]

@@ -1,0 +1,189 @@
+"""``TenSafeClient``: training and inference sessions, in this process or on a TenSafe server.
+
+``TenSafeClient()`` runs sessions in-process on the installed backends;
+``TenSafeClient(base_url, api_key)`` runs them on ``tensafe serve``. Both give
+the same :class:`TrainingSession` and :class:`InferenceSession`, built on the
+same orchestrator code, with the same types and errors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tensafe.api import (
+    ExportedPackage,
+    ForwardBackwardRequest,
+    InferenceSessionCreate,
+    OptimStepRequest,
+    PrivacySpent,
+    SampleRequest,
+    SavedState,
+    SessionInfo,
+    TrainingSessionCreate,
+)
+from tensafe.config import RunConfig
+from tensafe.sdk.doors import LocalDoor, RemoteDoor
+from tensafe.sdk.futures import APIFuture
+from tensafe.types import (
+    AdamParams,
+    Datum,
+    ForwardBackwardOutput,
+    LossFnType,
+    OptimStepResponse,
+    SampleResponse,
+    SamplingParams,
+)
+
+if TYPE_CHECKING:
+    import httpx
+
+    from tensafe.plugins import TensafePluginManager
+
+
+class _Typed(APIFuture[Any]):
+    """A future whose raw JSON-ready result is parsed into a core type."""
+
+    def __init__(self, raw: APIFuture[dict[str, Any]], parse: Any) -> None:
+        super().__init__(raw.future_id, lambda timeout: parse(raw.result(timeout)))
+
+
+class TrainingSession:
+    """A LoRA adapter trained step by step on batches you supply (the Tinker-style API).
+
+    ``forward_backward`` and ``optim_step`` queue work and return futures; a
+    session runs its operations in the order they were submitted.
+    """
+
+    def __init__(self, door: LocalDoor | RemoteDoor, info: SessionInfo) -> None:
+        self._door = door
+        self.session_id = info.session_id
+
+    def forward_backward(
+        self,
+        data: Sequence[Datum],
+        loss_fn: LossFnType = "cross_entropy",
+        loss_fn_config: dict[str, float] | None = None,
+    ) -> APIFuture[ForwardBackwardOutput]:
+        """Compute the loss and accumulate gradients for the next :meth:`optim_step`."""
+        request = ForwardBackwardRequest(data=list(data), loss_fn=loss_fn, loss_fn_config=loss_fn_config)
+        return _Typed(self._door.submit(self.session_id, request), ForwardBackwardOutput.model_validate)
+
+    def optim_step(self, adam_params: AdamParams | None = None) -> APIFuture[OptimStepResponse]:
+        """Apply the gradients; the result's metrics carry the epsilon spent so far.
+
+        Fails with :class:`PrivacyBudgetExceeded` (and changes nothing) if the step
+        would take the session past its budget.
+        """
+        request = OptimStepRequest(adam_params=adam_params)
+        return _Typed(self._door.submit(self.session_id, request), OptimStepResponse.model_validate)
+
+    def sample(
+        self, prompts: Sequence[str], sampling_params: SamplingParams | None = None, num_samples: int = 1
+    ) -> list[SampleResponse]:
+        """Generate from text prompts with the adapter as it is after every operation submitted so far."""
+        request = SampleRequest(prompts=list(prompts), sampling_params=sampling_params, num_samples=num_samples)
+        return self._door.sample(self.session_id, request).responses
+
+    def save_state(self, name: str | None = None) -> SavedState:
+        """Save adapter, optimizer and privacy spend together."""
+        return self._door.save_state(self.session_id, name)
+
+    def load_state(self, state: SavedState | str) -> SessionInfo:
+        """Restore a saved state's weights; the privacy spent never goes down."""
+        return self._door.load_state(self.session_id, state if isinstance(state, str) else state.state_id)
+
+    def info(self) -> SessionInfo:
+        return self._door.info(self.session_id)
+
+    def privacy_spent(self) -> PrivacySpent | None:
+        """Epsilon, delta and what they assume; None for a session without DP."""
+        return self.info().privacy
+
+    def export_tgsp(self, path: str | Path) -> ExportedPackage:
+        """Write the adapter as a signed, encrypted TGSP package to ``path`` (keys from the session config)."""
+        return self._door.export_tgsp(self.session_id, Path(path))
+
+
+class InferenceSession:
+    """Generation from a base model, or from a base model with a verified TGSP adapter."""
+
+    def __init__(self, door: LocalDoor | RemoteDoor, info: SessionInfo) -> None:
+        self._door = door
+        self.session_id = info.session_id
+
+    def generate(
+        self, prompts: Sequence[str], sampling_params: SamplingParams | None = None, num_samples: int = 1
+    ) -> list[SampleResponse]:
+        request = SampleRequest(prompts=list(prompts), sampling_params=sampling_params, num_samples=num_samples)
+        return self._door.generate(self.session_id, request).responses
+
+    sample = generate
+
+
+class TenSafeClient:
+    """Entry point of the SDK: in-process without arguments, remote with a server URL and an API key."""
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        plugin_manager: TensafePluginManager | None = None,
+        timeout: float = 120.0,
+        max_retries: int = 5,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        from tensafe.errors import UsageError
+
+        if base_url is None:
+            if api_key is not None:
+                raise UsageError("an API key needs a server: TenSafeClient(base_url, api_key)")
+            self._door: LocalDoor | RemoteDoor = LocalDoor(plugin_manager)
+        else:
+            if not api_key:
+                raise UsageError("a TenSafe server needs an API key: TenSafeClient(base_url, api_key)")
+            self._door = RemoteDoor(base_url, api_key, timeout=timeout, max_retries=max_retries, transport=transport)
+
+    @property
+    def remote(self) -> bool:
+        return isinstance(self._door, RemoteDoor)
+
+    def create_training_session(
+        self,
+        config: RunConfig | None = None,
+        *,
+        sampling_rate: float | None = None,
+        dataset_size: int | None = None,
+    ) -> TrainingSession:
+        """A fresh adapter on ``config.model``; with DP, declare the Poisson rate your batches are drawn at."""
+        spec = TrainingSessionCreate(
+            config=config or RunConfig(), sampling_rate=sampling_rate, dataset_size=dataset_size
+        )
+        return TrainingSession(self._door, self._door.create_training(spec))
+
+    def create_inference_session(
+        self, config: RunConfig | None = None, *, adapter: ExportedPackage | str | Path | None = None
+    ) -> InferenceSession:
+        """Serve ``config.model``, with an adapter: in-process a path (PEFT directory or .tgsp), remotely
+        a package exported on the server (the :class:`ExportedPackage` or its artifact id)."""
+        config = config or RunConfig()
+        if isinstance(self._door, RemoteDoor):
+            artifact = adapter.artifact_id if isinstance(adapter, ExportedPackage) else adapter
+            spec = InferenceSessionCreate(
+                config=config, adapter_artifact_id=None if artifact is None else str(artifact)
+            )
+            return InferenceSession(self._door, self._door.create_inference(spec, None))
+        path = Path(adapter.artifact_id) if isinstance(adapter, ExportedPackage) else adapter
+        spec = InferenceSessionCreate(config=config)
+        return InferenceSession(self._door, self._door.create_inference(spec, None if path is None else Path(path)))
+
+    def close(self) -> None:
+        self._door.close()
+
+    def __enter__(self) -> TenSafeClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()

@@ -1,0 +1,291 @@
+"""The two ways a client reaches sessions: in this process, or over HTTP to ``tensafe serve``.
+
+Both expose the same calls with the same request and response types
+(:mod:`tensafe.api`) and the same typed errors, so a script behaves the same
+through either.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from tensafe.api import (
+    ExportedPackage,
+    ForwardBackwardRequest,
+    FutureInfo,
+    InferenceSessionCreate,
+    LoadStateRequest,
+    OptimStepRequest,
+    SampleRequest,
+    SampleResult,
+    SavedState,
+    SaveStateRequest,
+    SessionInfo,
+    TrainingSessionCreate,
+)
+from tensafe.errors import MissingDependencyError, NotFound, OperationFailed
+from tensafe.sdk.errors import error_from
+from tensafe.sdk.futures import APIFuture
+from tensafe.sessions import InferenceSessionCore, TrainingSessionCore
+
+if TYPE_CHECKING:
+    import httpx
+
+    from tensafe.plugins import TensafePluginManager
+
+T = TypeVar("T")
+Queued = ForwardBackwardRequest | OptimStepRequest
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
+def _run_queued(core: TrainingSessionCore, request: Queued) -> dict[str, Any]:
+    if isinstance(request, ForwardBackwardRequest):
+        return core.forward_backward(request.data, request.loss_fn, request.loss_fn_config).model_dump()
+    return core.optim_step(request.adam_params).model_dump()
+
+
+@dataclass
+class _LocalSession:
+    core: Any
+    created: float = field(default_factory=time.time)
+    worker: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(max_workers=1))
+    pending: int = 0
+
+    def run(self, work: Callable[..., T], *args: Any) -> Future[T]:
+        """Queue ``work(core, *args)`` behind everything submitted before it."""
+        self.pending += 1
+        future = self.worker.submit(work, self.core, *args)
+        future.add_done_callback(self._finished)
+        return future
+
+    def _finished(self, _: Future[Any]) -> None:
+        self.pending -= 1
+
+
+class LocalDoor:
+    """Sessions in this process, each with one worker thread that runs its operations in order."""
+
+    def __init__(self, plugin_manager: TensafePluginManager | None = None) -> None:
+        from tensafe.plugins import create_plugin_manager
+
+        self.pm = plugin_manager if plugin_manager is not None else create_plugin_manager()
+        self._sessions: dict[str, _LocalSession] = {}
+        self._states: dict[str, tuple[bytes, dict[str, Any]]] = {}
+
+    def _session(self, session_id: str) -> _LocalSession:
+        if session_id not in self._sessions:
+            raise NotFound(f"no session {session_id}")
+        return self._sessions[session_id]
+
+    def _in_order(self, session_id: str, work: Callable[[Any], T]) -> T:
+        return self._session(session_id).run(work).result()
+
+    def create_training(self, spec: TrainingSessionCreate) -> SessionInfo:
+        session_id = uuid.uuid4().hex
+        self._sessions[session_id] = _LocalSession(TrainingSessionCore(spec, session_id, plugin_manager=self.pm))
+        return self.info(session_id)
+
+    def info(self, session_id: str) -> SessionInfo:
+        session = self._session(session_id)
+        core = session.core
+        if isinstance(core, InferenceSessionCore):
+            return SessionInfo(session_id=session_id, kind="inference", created=session.created)
+        return SessionInfo(
+            session_id=session_id,
+            kind="training",
+            step=core.step,
+            privacy=core.privacy_spent(),
+            pending=session.pending,
+            created=session.created,
+        )
+
+    def submit(self, session_id: str, request: Queued) -> APIFuture[dict[str, Any]]:
+        return APIFuture(uuid.uuid4().hex, self._session(session_id).run(_run_queued, request))
+
+    def sample(self, session_id: str, request: SampleRequest) -> SampleResult:
+        responses = self._in_order(
+            session_id, lambda core: core.sample(request.prompts, request.sampling_params, request.num_samples)
+        )
+        return SampleResult(responses=responses)
+
+    def save_state(self, session_id: str, name: str | None) -> SavedState:
+        def work(core: TrainingSessionCore) -> SavedState:
+            state_id = uuid.uuid4().hex
+            self._states[state_id] = core.snapshot()
+            return SavedState(state_id=state_id, step=core.step, epsilon=core.epsilon())
+
+        return self._in_order(session_id, work)
+
+    def load_state(self, session_id: str, state_id: str) -> SessionInfo:
+        if state_id not in self._states:
+            raise NotFound(f"no state {state_id}")
+        state, meta = self._states[state_id]
+        self._in_order(session_id, lambda core: core.restore(state, meta))
+        return self.info(session_id)
+
+    def export_tgsp(self, session_id: str, path: Path) -> ExportedPackage:
+        def work(core: TrainingSessionCore) -> ExportedPackage:
+            manifest = core.export_tgsp(path)
+            return ExportedPackage(artifact_id=str(path), package_id=manifest.get("package_id"), step=core.step)
+
+        return self._in_order(session_id, work)
+
+    def create_inference(self, spec: InferenceSessionCreate, adapter: Path | None) -> SessionInfo:
+        session_id = uuid.uuid4().hex
+        core = InferenceSessionCore(spec.config, session_id, adapter=adapter, plugin_manager=self.pm)
+        self._sessions[session_id] = _LocalSession(core)
+        return self.info(session_id)
+
+    def generate(self, session_id: str, request: SampleRequest) -> SampleResult:
+        responses = self._in_order(
+            session_id, lambda core: core.generate(request.prompts, request.sampling_params, request.num_samples)
+        )
+        return SampleResult(responses=responses)
+
+    def close(self) -> None:
+        for session in self._sessions.values():
+            session.worker.shutdown(wait=True)
+
+
+class RemoteDoor:
+    """Sessions on a ``tensafe serve`` server, with retries on 429, 5xx and connection errors."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        timeout: float = 120.0,
+        max_retries: int = 5,
+        backoff: float = 0.2,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        try:
+            import httpx
+        except ImportError:
+            raise MissingDependencyError(
+                "talking to a TenSafe server needs httpx; install it with: pip install 'tensafe-core[client]'"
+            ) from None
+        self._httpx = httpx
+        if transport is None:
+            # Without TCP_NODELAY a request's header and body segments meet delayed ACKs: ~40 ms per call.
+            transport = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+        self._http = httpx.Client(
+            base_url=base_url.rstrip("/") + "/api/v1",
+            headers={"Authorization": f"Bearer {api_key}"},
+            timeout=timeout,
+            transport=transport,
+        )
+        self.max_retries = max_retries
+        self.backoff = backoff
+        #: One lock per session, so operations from several threads reach the server in call order.
+        self._order: dict[str, threading.Lock] = {}
+
+    def request(self, method: str, path: str, *, body: Any = None, headers: dict[str, str] | None = None) -> Any:
+        """Send, retrying transient failures with exponential backoff and jitter; raise typed errors."""
+        content = body.model_dump_json() if body is not None else None
+        all_headers = {"Content-Type": "application/json", **(headers or {})}
+        for attempt in range(self.max_retries + 1):
+            try:
+                response = self._http.request(method, path, content=content, headers=all_headers)
+            except self._httpx.TransportError as exc:
+                if attempt == self.max_retries:
+                    raise OperationFailed(f"cannot reach the TenSafe server: {exc}", retryable=True) from None
+            else:
+                if response.status_code not in RETRY_STATUSES or attempt == self.max_retries:
+                    return self._decode(response)
+            time.sleep(self.backoff * (2**attempt) * (0.5 + random.random()))
+        raise AssertionError("unreachable")
+
+    def _decode(self, response: httpx.Response) -> Any:
+        binary = response.headers.get("content-type", "").startswith("application/octet-stream")
+        if binary and response.is_success:
+            return response.content
+        try:
+            data = response.json()
+        except ValueError:
+            data = {"error": "bad_response", "message": response.text[:200]}
+        if response.is_success:
+            return data
+        if not isinstance(data, dict):
+            data = {"error": "bad_response", "message": str(data)[:200]}
+        raise error_from(data, retryable=response.status_code in RETRY_STATUSES)
+
+    def _lock(self, session_id: str) -> threading.Lock:
+        return self._order.setdefault(session_id, threading.Lock())
+
+    def create_training(self, spec: TrainingSessionCreate) -> SessionInfo:
+        return SessionInfo.model_validate(self.request("POST", "/training", body=spec))
+
+    def info(self, session_id: str) -> SessionInfo:
+        return SessionInfo.model_validate(self.request("GET", f"/training/{session_id}"))
+
+    def submit(self, session_id: str, request: Queued) -> APIFuture[dict[str, Any]]:
+        operation = "forward_backward" if isinstance(request, ForwardBackwardRequest) else "optim_step"
+        # The same key on every retry: the server runs a resubmitted operation once.
+        key = uuid.uuid4().hex
+        with self._lock(session_id):
+            data = self.request(
+                "POST", f"/training/{session_id}/{operation}", body=request, headers={"Idempotency-Key": key}
+            )
+        info = FutureInfo.model_validate(data)
+        return APIFuture(info.future_id, lambda timeout: self._wait(info, timeout))
+
+    def _wait(self, info: FutureInfo, timeout: float | None) -> dict[str, Any]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while info.status not in ("completed", "failed"):
+            left = 30.0 if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(info.future_id)
+            wait = min(30.0, left)
+            info = FutureInfo.model_validate(self.request("GET", f"/futures/{info.future_id}?wait={wait:.3f}"))
+        if info.status == "failed":
+            assert info.error is not None
+            raise error_from(info.error.model_dump(), retryable=info.error.retryable)
+        assert info.result is not None
+        return info.result
+
+    def sample(self, session_id: str, request: SampleRequest) -> SampleResult:
+        with self._lock(session_id):
+            return SampleResult.model_validate(self.request("POST", f"/training/{session_id}/sample", body=request))
+
+    def save_state(self, session_id: str, name: str | None) -> SavedState:
+        with self._lock(session_id):
+            data = self.request("POST", f"/training/{session_id}/save_state", body=SaveStateRequest(name=name))
+        return SavedState.model_validate(data)
+
+    def load_state(self, session_id: str, state_id: str) -> SessionInfo:
+        with self._lock(session_id):
+            data = self.request("POST", f"/training/{session_id}/load_state", body=LoadStateRequest(state_id=state_id))
+        return SessionInfo.model_validate(data)
+
+    def export_tgsp(self, session_id: str, path: Path) -> ExportedPackage:
+        from tensafe.api import ExportRequest
+
+        with self._lock(session_id):
+            data = self.request("POST", f"/training/{session_id}/export_tgsp", body=ExportRequest())
+        exported = ExportedPackage.model_validate(data)
+        path.write_bytes(self.request("GET", f"/packages/{exported.artifact_id}"))
+        return exported
+
+    def create_inference(self, spec: InferenceSessionCreate, adapter: Path | None) -> SessionInfo:
+        if adapter is not None:
+            raise NotFound("a server opens only packages it holds: pass the ExportedPackage (or its artifact id)")
+        return SessionInfo.model_validate(self.request("POST", "/inference", body=spec))
+
+    def generate(self, session_id: str, request: SampleRequest) -> SampleResult:
+        with self._lock(session_id):
+            data = self.request("POST", f"/inference/{session_id}/generate", body=request)
+        return SampleResult.model_validate(data)
+
+    def close(self) -> None:
+        self._http.close()

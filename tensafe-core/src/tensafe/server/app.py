@@ -1,0 +1,264 @@
+"""The FastAPI application: ``/api/v1/training``, ``/api/v1/inference``, ``/api/v1/audit``, health.
+
+Every error is JSON ``{"error": <stable code>, "message": ...}`` with a 4xx
+status for a request the client can fix; the codes are those of
+:mod:`tensafe.errors` plus ``malformed_json``, ``invalid_request`` (schema
+violations, with ``problems``) and ``payload_too_large``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tensafe import __version__
+from tensafe.api import (
+    AuditRecordInfo,
+    AuditVerification,
+    ExportedPackage,
+    ExportRequest,
+    ForwardBackwardRequest,
+    FutureInfo,
+    InferenceSessionCreate,
+    LoadStateRequest,
+    OptimStepRequest,
+    SampleRequest,
+    SampleResult,
+    SavedState,
+    SaveStateRequest,
+    SessionInfo,
+    TrainingSessionCreate,
+)
+from tensafe.errors import (
+    NotFound,
+    NotInstalledError,
+    OperationFailed,
+    PayloadTooLarge,
+    PrivacyBudgetExceeded,
+    StepVetoed,
+    TensafeError,
+    Unauthorized,
+    UsageError,
+)
+from tensafe.server.auth import authenticate
+from tensafe.server.service import SessionService
+
+#: Largest request body accepted (a forward_backward batch of long sequences fits easily).
+MAX_BODY_BYTES = 32 * 1024 * 1024
+PREFIX = "/api/v1"
+
+
+def status_for(exc: TensafeError) -> int:
+    """The HTTP status of a TenSafe error."""
+    if isinstance(exc, Unauthorized):
+        return 401
+    if isinstance(exc, NotFound):
+        return 404
+    if isinstance(exc, PayloadTooLarge):
+        return 413
+    if isinstance(exc, PrivacyBudgetExceeded | StepVetoed):
+        return 409
+    if isinstance(exc, OperationFailed):
+        return 429 if exc.retryable else 500
+    if isinstance(exc, UsageError | NotInstalledError):
+        return 400
+    return 400 if exc.exit_code == 2 else 500
+
+
+def _error_response(status: int, body: dict[str, Any]) -> JSONResponse:
+    return JSONResponse(status_code=status, content=body)
+
+
+class BodyLimit:
+    """Refuses bodies over the limit before reading them (by Content-Length) or while reading them."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = _error_response(413, PayloadTooLarge(f"request body exceeds {self.limit} bytes").to_dict())
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
+                await too_large(scope, receive, send)
+                return
+        seen = 0
+        exceeded = False
+
+        async def limited() -> Message:
+            # Past the limit, the app gets an ended body and its response is replaced by the 413.
+            nonlocal seen, exceeded
+            if exceeded:
+                return {"type": "http.request", "body": b"", "more_body": False}
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    exceeded = True
+                    return {"type": "http.request", "body": b"", "more_body": False}
+            return message
+
+        replaced = False
+
+        async def guarded(message: Message) -> None:
+            nonlocal replaced
+            if not exceeded:
+                await send(message)
+            elif not replaced:
+                replaced = True
+                await too_large(scope, limited, send)
+
+        await self.app(scope, limited, guarded)
+
+
+def _tenant(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
+    """The tenant whose API key the request carries (401 without a valid one)."""
+    token = None
+    if authorization is not None:
+        scheme, _, value = authorization.partition(" ")
+        token = value.strip() if scheme.lower() == "bearer" else None
+    service: SessionService = request.app.state.service
+    with service.db() as db:
+        return authenticate(db, token)
+
+
+Tenant = Annotated[str, Depends(_tenant)]
+#: Sent by the SDK with each queued operation, so a retried submission is not run twice.
+IdempotencyKey = Annotated[str | None, Header(max_length=64)]
+
+
+def create_app(service: SessionService, *, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    """The HTTP API over ``service``."""
+    app = FastAPI(
+        title="TenSafe",
+        version=__version__,
+        description="Private LoRA fine-tuning and inference: training sessions with DP-SGD and exact "
+        "privacy accounting, TGSP packages, a per-tenant hash-chained audit log.",
+    )
+
+    @app.exception_handler(TensafeError)
+    async def tensafe_error(_: Request, exc: TensafeError) -> JSONResponse:
+        return _error_response(status_for(exc), exc.to_dict())
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        if any(err.get("type") == "json_invalid" for err in errors):
+            return _error_response(400, {"error": "malformed_json", "message": "the request body is not valid JSON"})
+        problems = [
+            {"field": ".".join(str(p) for p in err.get("loc", ())), "message": str(err.get("msg", ""))}
+            for err in errors
+        ]
+        message = "; ".join(f"{p['field']}: {p['message']}" for p in problems[:5])
+        return _error_response(422, {"error": "invalid_request", "message": message, "problems": problems})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return _error_response(exc.status_code, {"error": code, "message": str(exc.detail)})
+
+    app.state.service = service
+
+    @app.get("/healthz", tags=["health"])
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"])
+    def ready() -> dict[str, str]:
+        from sqlalchemy import text
+
+        with service.db() as db:
+            db.execute(text("SELECT 1"))
+        return {"status": "ready"}
+
+    # -- training -------------------------------------------------------------
+
+    @app.post(f"{PREFIX}/training", tags=["training"], status_code=201)
+    def create_training(body: TrainingSessionCreate, tenant_id: Tenant) -> SessionInfo:
+        return service.create_training(tenant_id, body)
+
+    @app.get(f"{PREFIX}/training", tags=["training"])
+    def list_training(tenant_id: Tenant) -> list[SessionInfo]:
+        return [s for s in service.list_sessions(tenant_id) if s.kind == "training"]
+
+    @app.get(f"{PREFIX}/training/{{session_id}}", tags=["training"])
+    def training_info(session_id: str, tenant_id: Tenant) -> SessionInfo:
+        return service.info(tenant_id, session_id)
+
+    @app.post(f"{PREFIX}/training/{{session_id}}/forward_backward", tags=["training"], status_code=202)
+    def forward_backward(
+        session_id: str, body: ForwardBackwardRequest, tenant_id: Tenant, idempotency_key: IdempotencyKey = None
+    ) -> FutureInfo:
+        return service.submit(tenant_id, session_id, body, idempotency_key)
+
+    @app.post(f"{PREFIX}/training/{{session_id}}/optim_step", tags=["training"], status_code=202)
+    def optim_step(
+        session_id: str, body: OptimStepRequest, tenant_id: Tenant, idempotency_key: IdempotencyKey = None
+    ) -> FutureInfo:
+        return service.submit(tenant_id, session_id, body, idempotency_key)
+
+    @app.post(f"{PREFIX}/training/{{session_id}}/sample", tags=["training"])
+    def sample(session_id: str, body: SampleRequest, tenant_id: Tenant) -> SampleResult:
+        return service.sample(tenant_id, session_id, body)
+
+    @app.post(f"{PREFIX}/training/{{session_id}}/save_state", tags=["training"])
+    def save_state(session_id: str, body: SaveStateRequest, tenant_id: Tenant) -> SavedState:
+        return service.save_state(tenant_id, session_id, body.name)
+
+    @app.post(f"{PREFIX}/training/{{session_id}}/load_state", tags=["training"])
+    def load_state(session_id: str, body: LoadStateRequest, tenant_id: Tenant) -> SessionInfo:
+        return service.load_state(tenant_id, session_id, body.state_id)
+
+    @app.post(f"{PREFIX}/training/{{session_id}}/export_tgsp", tags=["training"])
+    def export_tgsp(session_id: str, body: ExportRequest, tenant_id: Tenant) -> ExportedPackage:
+        return service.export_tgsp(tenant_id, session_id, body.name)
+
+    @app.get(f"{PREFIX}/futures/{{future_id}}", tags=["training"])
+    def future(future_id: str, tenant_id: Tenant, wait: Annotated[float, Query(ge=0, le=30)] = 0.0) -> FutureInfo:
+        return service.future(tenant_id, future_id, wait)
+
+    @app.get(f"{PREFIX}/packages/{{artifact_id}}", tags=["training"])
+    def package(artifact_id: str, tenant_id: Tenant) -> Response:
+        return Response(service.package_bytes(tenant_id, artifact_id), media_type="application/octet-stream")
+
+    # -- inference ------------------------------------------------------------
+
+    @app.post(f"{PREFIX}/inference", tags=["inference"], status_code=201)
+    def create_inference(body: InferenceSessionCreate, tenant_id: Tenant) -> SessionInfo:
+        return service.create_inference(tenant_id, body)
+
+    @app.get(f"{PREFIX}/inference/{{session_id}}", tags=["inference"])
+    def inference_info(session_id: str, tenant_id: Tenant) -> SessionInfo:
+        info = service.info(tenant_id, session_id)
+        if info.kind != "inference":
+            raise NotFound(f"no inference session {session_id}")
+        return info
+
+    @app.post(f"{PREFIX}/inference/{{session_id}}/generate", tags=["inference"])
+    def generate(session_id: str, body: SampleRequest, tenant_id: Tenant) -> SampleResult:
+        return service.generate(tenant_id, session_id, body)
+
+    # -- audit ----------------------------------------------------------------
+
+    @app.get(f"{PREFIX}/audit", tags=["audit"])
+    def audit_chain(
+        tenant_id: Tenant,
+        after: Annotated[int, Query(ge=0)] = 0,
+        limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
+    ) -> list[AuditRecordInfo]:
+        return service.audit_records(tenant_id, limit=limit, after=after)
+
+    @app.get(f"{PREFIX}/audit/verify", tags=["audit"])
+    def audit_verify(tenant_id: Tenant) -> AuditVerification:
+        return service.verify_audit(tenant_id)
+
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    return app

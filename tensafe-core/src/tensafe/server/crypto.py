@@ -1,0 +1,121 @@
+"""Keys and encryption at rest: a master key wraps one data key per tenant; artifacts use AES-256-GCM.
+
+The master key comes from ``TENSAFE_MASTER_KEY`` (64 hex digits) or from the
+file ``master.key`` in the data directory, created (mode 0600) on first start.
+It also keys the audit chain's HMAC, so rows cannot be re-hashed without it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tensafe.errors import ConfigError, UsageError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+MASTER_KEY_ENV = "TENSAFE_MASTER_KEY"
+MASTER_KEY_FILE = "master.key"
+ARTIFACT_MAGIC = b"TSA1"
+NONCE_BYTES = 12
+
+
+def load_master_key(data_dir: Path) -> bytes:
+    """The master key from the environment or the data directory (creating it there on first use)."""
+    raw = os.environ.get(MASTER_KEY_ENV)
+    if raw:
+        try:
+            key = bytes.fromhex(raw.strip())
+        except ValueError:
+            raise ConfigError(f"{MASTER_KEY_ENV} must be 64 hex digits") from None
+        if len(key) != 32:
+            raise ConfigError(f"{MASTER_KEY_ENV} must be 64 hex digits (32 bytes)")
+        return key
+    path = data_dir / MASTER_KEY_FILE
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_hex(32))
+    key = bytes.fromhex(path.read_text().strip())
+    if len(key) != 32:
+        raise ConfigError(f"{path} does not hold a 32-byte hex key")
+    return key
+
+
+def _aesgcm(key: bytes) -> AESGCM:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    return AESGCM(key)
+
+
+def seal(key: bytes, plaintext: bytes, aad: bytes) -> bytes:
+    nonce = secrets.token_bytes(NONCE_BYTES)
+    return ARTIFACT_MAGIC + nonce + _aesgcm(key).encrypt(nonce, plaintext, aad)
+
+
+def unseal(key: bytes, blob: bytes, aad: bytes) -> bytes:
+    from cryptography.exceptions import InvalidTag
+
+    if not blob.startswith(ARTIFACT_MAGIC):
+        raise UsageError("not a TenSafe encrypted artifact")
+    nonce = blob[len(ARTIFACT_MAGIC) : len(ARTIFACT_MAGIC) + NONCE_BYTES]
+    try:
+        result: bytes = _aesgcm(key).decrypt(nonce, blob[len(ARTIFACT_MAGIC) + NONCE_BYTES :], aad)
+    except InvalidTag:
+        raise UsageError("artifact failed authentication: wrong key, or the file was altered") from None
+    return result
+
+
+class KeyRing:
+    """Wraps and unwraps tenant data keys with the master key; derives the audit key."""
+
+    def __init__(self, master_key: bytes) -> None:
+        self._master = master_key
+        self.audit_key = hmac.new(master_key, b"tensafe-audit-chain-v1", hashlib.sha256).digest()
+
+    def new_tenant_key(self, tenant_id: str) -> bytes:
+        """A fresh data key, wrapped for storage."""
+        return seal(self._master, secrets.token_bytes(32), b"tenant-key:" + tenant_id.encode())
+
+    def tenant_key(self, tenant_id: str, wrapped: bytes) -> bytes:
+        return unseal(self._master, wrapped, b"tenant-key:" + tenant_id.encode())
+
+
+class ArtifactStore:
+    """Encrypted files under ``root/<tenant>/<artifact id>``, written atomically."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, tenant_id: str, artifact_id: str) -> Path:
+        return self.root / tenant_id / f"{artifact_id}.bin"
+
+    def write(self, tenant_id: str, artifact_id: str, key: bytes, data: bytes) -> str:
+        """Encrypt and store ``data`` durably; returns its SHA-256 (of the plaintext)."""
+        path = self._path(tenant_id, artifact_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_suffix(".partial")
+        with staging.open("wb") as handle:
+            handle.write(seal(key, data, f"{tenant_id}/{artifact_id}".encode()))
+            handle.flush()
+            os.fsync(handle.fileno())
+        staging.replace(path)
+        return hashlib.sha256(data).hexdigest()
+
+    def read(self, tenant_id: str, artifact_id: str, key: bytes) -> bytes:
+        path = self._path(tenant_id, artifact_id)
+        try:
+            blob = path.read_bytes()
+        except OSError:
+            raise UsageError(f"artifact {artifact_id} is missing from the store") from None
+        return unseal(key, blob, f"{tenant_id}/{artifact_id}".encode())
+
+    def delete(self, tenant_id: str, artifact_id: str) -> None:
+        self._path(tenant_id, artifact_id).unlink(missing_ok=True)

@@ -1,0 +1,555 @@
+"""The session service: tenants' training and inference sessions over the orchestrator, persisted.
+
+Each session runs its operations one at a time, in submission order, on its
+own worker thread. An optimizer step's result, the session state it produced
+(encrypted on disk) and its privacy spend are committed to the database in one
+transaction before the step's future reports completion, so a client is never
+told of a step or an epsilon that a crash could undo. After a restart, queued
+or running operations are reported failed and retryable.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session
+
+from tensafe.api import (
+    AuditRecordInfo,
+    AuditVerification,
+    ErrorInfo,
+    ExportedPackage,
+    ForwardBackwardRequest,
+    FutureInfo,
+    InferenceSessionCreate,
+    OptimStepRequest,
+    PrivacySpent,
+    SampleRequest,
+    SampleResult,
+    SavedState,
+    SessionInfo,
+    TrainingSessionCreate,
+)
+from tensafe.errors import NotFound, OperationFailed, TensafeError
+from tensafe.plugins import TensafePluginManager, create_plugin_manager
+from tensafe.server import audit
+from tensafe.server.crypto import ArtifactStore, KeyRing, load_master_key
+from tensafe.server.db import ArtifactRow, AuditRow, FutureRow, SessionRow, Tenant, database_url, open_database
+from tensafe.sessions import InferenceSessionCore, TrainingSessionCore
+
+T = TypeVar("T")
+#: How long one status request may wait for a future to finish.
+MAX_WAIT_S = 30.0
+#: Queued operations one session may hold before new ones are refused (429).
+MAX_PENDING = 256
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _error(exc: BaseException) -> ErrorInfo:
+    if isinstance(exc, TensafeError):
+        data = exc.to_dict()
+        retryable = bool(data.pop("retryable", False))
+        return ErrorInfo(error=data.pop("error"), message=data.pop("message"), retryable=retryable, details=data)
+    return ErrorInfo(error="internal_error", message=f"{type(exc).__name__}: {exc}", retryable=False)
+
+
+@dataclass
+class _Live:
+    """A session loaded in this process, with the worker that runs its operations in order."""
+
+    tenant_id: str
+    kind: str
+    core: Any
+    worker: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(max_workers=1))
+    pending: int = 0
+
+
+class SessionService:
+    """Everything the HTTP API does, callable without HTTP."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        database: str | None = None,
+        plugin_manager: TensafePluginManager | None = None,
+    ) -> None:
+        self.data_dir = data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.keyring = KeyRing(load_master_key(data_dir))
+        self.store = ArtifactStore(data_dir / "artifacts")
+        self.engine, self._sessions = open_database(database_url(database, data_dir))
+        self.pm = plugin_manager if plugin_manager is not None else create_plugin_manager()
+        self._live: dict[str, _Live] = {}
+        self._loading = threading.Lock()
+        self._done: dict[str, threading.Event] = {}
+        self._tenant_keys: dict[str, bytes] = {}
+
+    def close(self) -> None:
+        for live in list(self._live.values()):
+            live.worker.shutdown(wait=True)
+        self._live.clear()
+        self.engine.dispose()
+
+    @contextmanager
+    def db(self) -> Iterator[Session]:
+        """A transaction: committed on success, rolled back on any error."""
+        with self._sessions() as session, session.begin():
+            yield session
+
+    # -- startup ----------------------------------------------------------------
+
+    def recover(self) -> int:
+        """Report work that a previous process accepted but never finished as failed and retryable.
+
+        Called by ``tensafe serve`` at start (not by the key and audit commands,
+        which may run beside a live server).
+
+        Gradients accumulated by forward_backward calls after a session's last
+        committed step lived only in that process's memory, so those calls are
+        reported failed too. Returns how many futures were marked.
+        """
+        lost = ErrorInfo(
+            error="server_restarted", message="the server restarted before this operation finished", retryable=True
+        ).model_dump_json()
+        gone = ErrorInfo(
+            error="gradients_lost",
+            message="the server restarted before the optimizer step that would have used these gradients",
+            retryable=True,
+        ).model_dump_json()
+        with self.db() as db:
+            unfinished = list(
+                db.execute(select(FutureRow.id).where(FutureRow.status.in_(("queued", "running")))).scalars()
+            )
+            if unfinished:
+                db.execute(update(FutureRow).where(FutureRow.id.in_(unfinished)).values(status="failed", error=lost))
+            stale = db.execute(
+                select(FutureRow.id)
+                .join(SessionRow, SessionRow.id == FutureRow.session_id)
+                .where(
+                    FutureRow.operation == "forward_backward",
+                    FutureRow.status == "completed",
+                    FutureRow.after_step >= SessionRow.step,
+                )
+            ).scalars()
+            ids = list(stale)
+            if ids:
+                db.execute(update(FutureRow).where(FutureRow.id.in_(ids)).values(status="failed", error=gone))
+        return len(unfinished) + len(ids)
+
+    # -- helpers ----------------------------------------------------------------
+
+    def tenant_key(self, db: Session, tenant_id: str) -> bytes:
+        if tenant_id not in self._tenant_keys:
+            tenant = db.get(Tenant, tenant_id)
+            if tenant is None:
+                raise NotFound("no such tenant")
+            self._tenant_keys[tenant_id] = self.keyring.tenant_key(tenant_id, tenant.wrapped_key)
+        return self._tenant_keys[tenant_id]
+
+    def _row(self, db: Session, tenant_id: str, session_id: str, kind: str | None = None) -> SessionRow:
+        row = db.get(SessionRow, session_id)
+        if row is None or row.tenant_id != tenant_id or (kind is not None and row.kind != kind):
+            raise NotFound(f"no {kind or ''} session {session_id}".replace("  ", " "))
+        return row
+
+    def _store_artifact(
+        self, db: Session, tenant_id: str, kind: str, data: bytes, name: str = "", meta: dict[str, Any] | None = None
+    ) -> str:
+        artifact_id = _new_id()
+        sha = self.store.write(tenant_id, artifact_id, self.tenant_key(db, tenant_id), data)
+        db.add(
+            ArtifactRow(
+                id=artifact_id,
+                tenant_id=tenant_id,
+                kind=kind,
+                name=name,
+                sha256=sha,
+                size=len(data),
+                meta=json.dumps(meta or {}),
+                created=time.time(),
+            )
+        )
+        return artifact_id
+
+    def _artifact(self, db: Session, tenant_id: str, artifact_id: str, kind: str) -> tuple[ArtifactRow, bytes]:
+        row = db.get(ArtifactRow, artifact_id)
+        if row is None or row.tenant_id != tenant_id or row.kind != kind:
+            raise NotFound(f"no {kind} {artifact_id}")
+        return row, self.store.read(tenant_id, artifact_id, self.tenant_key(db, tenant_id))
+
+    def _live_session(self, tenant_id: str, session_id: str, kind: str) -> _Live:
+        live = self._live.get(session_id)
+        if live is not None and live.tenant_id == tenant_id and live.kind == kind:
+            return live
+        with self._loading:
+            live = self._live.get(session_id)
+            if live is not None:
+                if live.tenant_id != tenant_id or live.kind != kind:
+                    raise NotFound(f"no {kind} session {session_id}")
+                return live
+            with self.db() as db:
+                row = self._row(db, tenant_id, session_id, kind)
+                live = _Live(tenant_id, kind, self._rebuild(db, row))
+            self._live[session_id] = live
+            return live
+
+    def _rebuild(self, db: Session, row: SessionRow) -> Any:
+        """A session's core from its stored spec and its last committed state."""
+        if row.kind == "inference":
+            return self._inference_core(db, row.tenant_id, row.id, InferenceSessionCreate.model_validate_json(row.spec))
+        core = TrainingSessionCore(TrainingSessionCreate.model_validate_json(row.spec), row.id, plugin_manager=self.pm)
+        if row.state_artifact is not None:
+            _, state = self._artifact(db, row.tenant_id, row.state_artifact, "session")
+            core.restore(state, json.loads(row.meta), keep_higher_spend=False)
+        return core
+
+    def _on_worker(self, live: _Live, work: Callable[[], T]) -> T:
+        """Run ``work`` in the session's order and wait for it."""
+        live.pending += 1
+        try:
+            return live.worker.submit(work).result()
+        finally:
+            live.pending -= 1
+
+    def _info(self, row: SessionRow) -> SessionInfo:
+        meta = json.loads(row.meta) if row.meta else {}
+        spent = meta.get("spent")
+        live = self._live.get(row.id)
+        return SessionInfo(
+            session_id=row.id,
+            kind=row.kind,
+            step=row.step,
+            privacy=PrivacySpent.model_validate(spent) if spent else None,
+            pending=live.pending if live is not None else 0,
+            created=row.created,
+        )
+
+    def _commit_state(self, db: Session, tenant_id: str, row: SessionRow, core: TrainingSessionCore) -> str | None:
+        """Store the session's current state as its recovery point; returns the artifact it replaces."""
+        state, meta = core.snapshot()
+        spent = core.privacy_spent()
+        meta["spent"] = spent.model_dump() if spent is not None else None
+        previous = row.state_artifact
+        row.state_artifact = self._store_artifact(db, tenant_id, "session", state)
+        row.step, row.meta, row.epsilon = core.step, json.dumps(meta), core.epsilon()
+        if previous is not None:
+            db.execute(delete(ArtifactRow).where(ArtifactRow.id == previous))
+        return previous
+
+    # -- training sessions -----------------------------------------------------------
+
+    def create_training(self, tenant_id: str, spec: TrainingSessionCreate) -> SessionInfo:
+        session_id = _new_id()
+        core = TrainingSessionCore(spec, session_id, plugin_manager=self.pm)
+        with self.db() as db:
+            row = SessionRow(
+                id=session_id, tenant_id=tenant_id, kind="training", spec=spec.model_dump_json(), created=time.time()
+            )
+            db.add(row)
+            db.flush()
+            self._commit_state(db, tenant_id, row, core)
+            audit.append(
+                db,
+                self.keyring.audit_key,
+                tenant_id,
+                "training.create",
+                session_id,
+                spec.model_dump(mode="json"),
+                {"step": 0},
+                core.epsilon(),
+            )
+        self._live[session_id] = _Live(tenant_id, "training", core)
+        return self._info(row)
+
+    def list_sessions(self, tenant_id: str) -> list[SessionInfo]:
+        with self.db() as db:
+            rows = db.execute(
+                select(SessionRow).where(SessionRow.tenant_id == tenant_id).order_by(SessionRow.created)
+            ).scalars()
+            return [self._info(row) for row in rows]
+
+    def info(self, tenant_id: str, session_id: str) -> SessionInfo:
+        with self.db() as db:
+            return self._info(self._row(db, tenant_id, session_id))
+
+    def submit(
+        self,
+        tenant_id: str,
+        session_id: str,
+        request: ForwardBackwardRequest | OptimStepRequest,
+        request_key: str | None = None,
+    ) -> FutureInfo:
+        """Queue forward_backward or optim_step; a repeated ``request_key`` returns the first submission."""
+        operation = "forward_backward" if isinstance(request, ForwardBackwardRequest) else "optim_step"
+        live = self._live_session(tenant_id, session_id, "training")
+        with self.db() as db:
+            if request_key is not None:
+                existing = db.execute(
+                    select(FutureRow).where(FutureRow.tenant_id == tenant_id, FutureRow.request_key == request_key)
+                ).scalar_one_or_none()
+                if existing is not None:
+                    return self._future_info(existing)
+            if live.pending >= MAX_PENDING:
+                raise OperationFailed(
+                    f"session {session_id} has {live.pending} operations queued", code="too_busy", retryable=True
+                )
+            future = FutureRow(
+                id=_new_id(),
+                tenant_id=tenant_id,
+                session_id=session_id,
+                request_key=request_key,
+                operation=operation,
+                status="queued",
+                created=time.time(),
+            )
+            db.add(future)
+        self._done[future.id] = threading.Event()
+        live.pending += 1
+        live.worker.submit(self._run, live, session_id, future.id, request)
+        return self._future_info(future)
+
+    def _run(
+        self, live: _Live, session_id: str, future_id: str, request: ForwardBackwardRequest | OptimStepRequest
+    ) -> None:
+        core: TrainingSessionCore = live.core
+        try:
+            before = core.step
+            try:
+                if isinstance(request, ForwardBackwardRequest):
+                    result: dict[str, Any] = core.forward_backward(
+                        request.data, request.loss_fn, request.loss_fn_config
+                    ).model_dump()
+                else:
+                    result = core.optim_step(request.adam_params).model_dump()
+            except Exception as exc:
+                with self.db() as db:
+                    db.execute(
+                        update(FutureRow)
+                        .where(FutureRow.id == future_id)
+                        .values(status="failed", error=_error(exc).model_dump_json(), after_step=before)
+                    )
+                return
+            replaced = None
+            with self.db() as db:
+                operation = "forward_backward"
+                if isinstance(request, OptimStepRequest):
+                    operation = "optim_step"
+                    row = self._row(db, live.tenant_id, session_id)
+                    replaced = self._commit_state(db, live.tenant_id, row, core)
+                db.execute(
+                    update(FutureRow)
+                    .where(FutureRow.id == future_id)
+                    .values(status="completed", result=json.dumps(result), after_step=before)
+                )
+                audit.append(
+                    db,
+                    self.keyring.audit_key,
+                    live.tenant_id,
+                    operation,
+                    session_id,
+                    request.model_dump(mode="json"),
+                    result,
+                    core.epsilon(),
+                )
+            if replaced is not None:
+                self.store.delete(live.tenant_id, replaced)
+        finally:
+            live.pending -= 1
+            event = self._done.pop(future_id, None)
+            if event is not None:
+                event.set()
+
+    def _future_info(self, row: FutureRow) -> FutureInfo:
+        return FutureInfo(
+            future_id=row.id,
+            session_id=row.session_id,
+            operation=row.operation,
+            status=row.status,
+            result=json.loads(row.result) if row.result else None,
+            error=ErrorInfo.model_validate_json(row.error) if row.error else None,
+        )
+
+    def future(self, tenant_id: str, future_id: str, wait: float = 0.0) -> FutureInfo:
+        """A future's status; waits up to ``wait`` seconds for it to finish."""
+        event = self._done.get(future_id)
+        with self.db() as db:
+            row = db.get(FutureRow, future_id)
+            if row is None or row.tenant_id != tenant_id:
+                raise NotFound(f"no future {future_id}")
+            if row.status in ("completed", "failed") or event is None or wait <= 0:
+                return self._future_info(row)
+        event.wait(min(wait, MAX_WAIT_S))
+        with self.db() as db:
+            row = db.get(FutureRow, future_id)
+            assert row is not None
+            return self._future_info(row)
+
+    def sample(self, tenant_id: str, session_id: str, request: SampleRequest) -> SampleResult:
+        live = self._live_session(tenant_id, session_id, "training")
+        core: TrainingSessionCore = live.core
+        responses = self._on_worker(
+            live, lambda: core.sample(request.prompts, request.sampling_params, request.num_samples)
+        )
+        return SampleResult(responses=responses)
+
+    def save_state(self, tenant_id: str, session_id: str, name: str | None = None) -> SavedState:
+        live = self._live_session(tenant_id, session_id, "training")
+        core: TrainingSessionCore = live.core
+
+        def work() -> SavedState:
+            state, meta = core.snapshot()
+            with self.db() as db:
+                state_id = self._store_artifact(db, tenant_id, "state", state, name or "", meta)
+                saved = SavedState(state_id=state_id, step=core.step, epsilon=core.epsilon())
+                audit.append(
+                    db,
+                    self.keyring.audit_key,
+                    tenant_id,
+                    "save_state",
+                    session_id,
+                    {"name": name},
+                    saved.model_dump(),
+                    core.epsilon(),
+                )
+            return saved
+
+        return self._on_worker(live, work)
+
+    def load_state(self, tenant_id: str, session_id: str, state_id: str) -> SessionInfo:
+        live = self._live_session(tenant_id, session_id, "training")
+        core: TrainingSessionCore = live.core
+
+        def work() -> SessionInfo:
+            with self.db() as db:
+                artifact, state = self._artifact(db, tenant_id, state_id, "state")
+                core.restore(state, json.loads(artifact.meta))
+                row = self._row(db, tenant_id, session_id)
+                replaced = self._commit_state(db, tenant_id, row, core)
+                audit.append(
+                    db,
+                    self.keyring.audit_key,
+                    tenant_id,
+                    "load_state",
+                    session_id,
+                    {"state_id": state_id},
+                    {"step": core.step},
+                    core.epsilon(),
+                )
+                info = self._info(row)
+            if replaced is not None:
+                self.store.delete(tenant_id, replaced)
+            return info
+
+        return self._on_worker(live, work)
+
+    def export_tgsp(self, tenant_id: str, session_id: str, name: str | None = None) -> ExportedPackage:
+        live = self._live_session(tenant_id, session_id, "training")
+        core: TrainingSessionCore = live.core
+
+        def work() -> ExportedPackage:
+            with tempfile.TemporaryDirectory(prefix="tensafe-export-") as scratch:
+                output = Path(scratch) / "adapter.tgsp"
+                manifest = core.export_tgsp(output)
+                package = output.read_bytes()
+            with self.db() as db:
+                meta = {"package_id": manifest.get("package_id"), "session_id": session_id}
+                artifact_id = self._store_artifact(db, tenant_id, "tgsp", package, name or "", meta)
+                exported = ExportedPackage(
+                    artifact_id=artifact_id, package_id=manifest.get("package_id"), step=core.step
+                )
+                audit.append(
+                    db,
+                    self.keyring.audit_key,
+                    tenant_id,
+                    "export_tgsp",
+                    session_id,
+                    {"name": name},
+                    exported.model_dump(),
+                    core.epsilon(),
+                )
+            return exported
+
+        return self._on_worker(live, work)
+
+    def package_bytes(self, tenant_id: str, artifact_id: str) -> bytes:
+        """A TGSP package the tenant exported (itself signed and encrypted to its recipients)."""
+        with self.db() as db:
+            return self._artifact(db, tenant_id, artifact_id, "tgsp")[1]
+
+    # -- inference sessions ------------------------------------------------------
+
+    def _inference_core(
+        self, db: Session, tenant_id: str, session_id: str, spec: InferenceSessionCreate
+    ) -> InferenceSessionCore:
+        if spec.adapter_artifact_id is None:
+            return InferenceSessionCore(spec.config, session_id, plugin_manager=self.pm)
+        _, package = self._artifact(db, tenant_id, spec.adapter_artifact_id, "tgsp")
+        with tempfile.TemporaryDirectory(prefix="tensafe-package-") as scratch:
+            path = Path(scratch) / "adapter.tgsp"
+            path.write_bytes(package)
+            return InferenceSessionCore(spec.config, session_id, adapter=path, plugin_manager=self.pm)
+
+    def create_inference(self, tenant_id: str, spec: InferenceSessionCreate) -> SessionInfo:
+        session_id = _new_id()
+        with self.db() as db:
+            core = self._inference_core(db, tenant_id, session_id, spec)
+            row = SessionRow(
+                id=session_id, tenant_id=tenant_id, kind="inference", spec=spec.model_dump_json(), created=time.time()
+            )
+            db.add(row)
+            audit.append(
+                db,
+                self.keyring.audit_key,
+                tenant_id,
+                "inference.create",
+                session_id,
+                spec.model_dump(mode="json"),
+                {},
+            )
+        self._live[session_id] = _Live(tenant_id, "inference", core)
+        return self._info(row)
+
+    def generate(self, tenant_id: str, session_id: str, request: SampleRequest) -> SampleResult:
+        live = self._live_session(tenant_id, session_id, "inference")
+        core: InferenceSessionCore = live.core
+        responses = self._on_worker(
+            live, lambda: core.generate(request.prompts, request.sampling_params, request.num_samples)
+        )
+        return SampleResult(responses=responses)
+
+    # -- audit --------------------------------------------------------------------
+
+    def audit_records(self, tenant_id: str, limit: int = 1000, after: int = 0) -> list[AuditRecordInfo]:
+        with self.db() as db:
+            rows = db.execute(
+                select(AuditRow)
+                .where(AuditRow.tenant_id == tenant_id, AuditRow.seq > after)
+                .order_by(AuditRow.seq)
+                .limit(limit)
+            ).scalars()
+            return [AuditRecordInfo.model_validate(row, from_attributes=True) for row in rows]
+
+    def verify_audit(self, tenant_id: str) -> AuditVerification:
+        with self.db() as db:
+            return audit.verify(db, self.keyring.audit_key, tenant_id)
+
+    def verify_all(self) -> dict[str, AuditVerification]:
+        """Every tenant's chain, by tenant name (for ``tensafe audit verify``)."""
+        with self.db() as db:
+            tenants = db.execute(select(Tenant.id, Tenant.name).order_by(Tenant.name)).all()
+            return {name: audit.verify(db, self.keyring.audit_key, tid) for tid, name in tenants}

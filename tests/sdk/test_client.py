@@ -1,0 +1,137 @@
+"""TenSafeClient in-process and against a live server: same calls, same results, same errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tensafe.errors import UsageError
+from tensafe.sdk import (
+    InvalidRequest,
+    NotFound,
+    OperationFailed,
+    PrivacyBudgetExceeded,
+    TenSafeClient,
+    TrainingSession,
+    Unauthorized,
+)
+from tensafe.testing import fresh_plugin_manager
+from tests.mocks.flaky import FlakyTransport
+from tests.serving import LiveServer, batch, bigram_config, create_key
+
+
+def local_client() -> TenSafeClient:
+    return TenSafeClient(plugin_manager=fresh_plugin_manager(autoload=True))
+
+
+def remote_client(server: LiveServer, tenant: str = "alice", **kwargs: Any) -> TenSafeClient:
+    return TenSafeClient(server.url, create_key(server.data_dir, server.database, tenant), **kwargs)
+
+
+def training_script(client: TenSafeClient, steps: int = 4) -> dict[str, Any]:
+    """One script, run unchanged through both doors."""
+    session = client.create_training_session(bigram_config(), sampling_rate=0.01, dataset_size=400)
+    losses, epsilons = [], []
+    for n in range(1, steps + 1):
+        fb = session.forward_backward(batch(n))
+        opt = session.optim_step()
+        losses.append(fb.result(timeout=60).metrics["loss:sum"])
+        epsilons.append(opt.result(timeout=60).metrics["epsilon"])
+    spent = session.privacy_spent()
+    assert spent is not None
+    text = session.sample(["record 1"])[0].sequences[0].text
+    return {"losses": losses, "epsilons": epsilons, "epsilon": spent.epsilon, "step": session.info().step, "text": text}
+
+
+def test_futures_run_in_submission_order_in_process() -> None:
+    with local_client() as client:
+        session = client.create_training_session(bigram_config(), sampling_rate=0.01, dataset_size=400)
+        futures = []
+        for n in range(1, 4):
+            futures.append(session.forward_backward(batch(n)))
+            futures.append(session.optim_step())
+        steps = [f.result(timeout=60).step for f in futures[1::2]]  # type: ignore[attr-defined]
+        assert steps == [1, 2, 3]
+        assert session.info().step == 3 and session.info().pending == 0
+
+
+def test_in_process_and_server_give_identical_losses_and_epsilon(live_server: LiveServer) -> None:
+    with local_client() as client:
+        here = training_script(client)
+    with remote_client(live_server) as client:
+        there = training_script(client)
+    assert here == there
+    assert here["losses"][-1] < here["losses"][0] and here["step"] == 4
+
+
+def _exhaust_budget(session: TrainingSession) -> tuple[float, int]:
+    last = 0.0
+    for n in range(1, 30):
+        session.forward_backward(batch(n))
+        try:
+            last = session.optim_step().result(timeout=60).metrics["epsilon"]
+        except PrivacyBudgetExceeded as exc:
+            return last, exc.steps
+    raise AssertionError("the budget was never reached")
+
+
+@pytest.mark.parametrize("door", ["local", "remote"])
+def test_errors_are_typed_alike_through_both_doors(door: str, live_server: LiveServer) -> None:
+    client = local_client() if door == "local" else remote_client(live_server)
+    with client:
+        session = client.create_training_session(
+            bigram_config(target_epsilon=0.6), sampling_rate=0.01, dataset_size=400
+        )
+        spent, steps = _exhaust_budget(session)
+        privacy = session.privacy_spent()
+        assert privacy is not None and privacy.epsilon == spent <= 0.6 and session.info().step == steps
+        with pytest.raises(NotFound):
+            session.load_state("no-such-state")
+        with pytest.raises(InvalidRequest, match="sampling_rate"):
+            client.create_training_session(bigram_config())
+        with pytest.raises(UsageError, match="forward_backward first"):
+            client.create_training_session(bigram_config(), sampling_rate=0.1, dataset_size=50).optim_step().result(60)
+
+
+def test_a_bad_key_raises_unauthorized(live_server: LiveServer) -> None:
+    with TenSafeClient(live_server.url, "tsk_0000_bad") as client, pytest.raises(Unauthorized):
+        client.create_training_session(bigram_config(), sampling_rate=0.01, dataset_size=400)
+
+
+def test_retries_survive_refusals_and_lost_responses_without_running_a_step_twice(live_server: LiveServer) -> None:
+    transport = FlakyTransport(refuse=2, drop_after=0)
+    with remote_client(live_server, transport=transport, max_retries=4) as client:
+        session = client.create_training_session(bigram_config(), sampling_rate=0.01, dataset_size=400)
+        transport.drop_after = 2  # the next two POSTs reach the server, but their answers are lost
+        session.forward_backward(batch(1))
+        result = session.optim_step().result(timeout=60)
+        assert result.step == 1 and result.metrics["batch_size"] == 4.0
+        assert session.info().step == 1
+    posts = [r for r in transport.requests if r.startswith("POST")]
+    assert len(posts) == 2 + 1 + 2 * 2  # refused twice, created, each queued call sent twice
+
+
+def test_retries_give_up_with_a_retryable_error(tmp_path: Path) -> None:
+    from tests.serving import free_port
+
+    with TenSafeClient(f"http://127.0.0.1:{free_port()}", "tsk_a_b", max_retries=1) as client:
+        with pytest.raises(OperationFailed) as caught:
+            client.create_training_session(bigram_config(), sampling_rate=0.01, dataset_size=400)
+        assert caught.value.retryable
+
+
+def test_save_and_load_state_in_process() -> None:
+    with local_client() as client:
+        session = client.create_training_session(bigram_config(), sampling_rate=0.01, dataset_size=400)
+        session.forward_backward(batch(1))
+        session.optim_step().result(60)
+        saved = session.save_state()
+        text = session.sample(["record 2"])[0].sequences[0].text
+        for n in (2, 3):
+            session.forward_backward(batch(n))
+            session.optim_step().result(60)
+        info = session.load_state(saved)
+        assert info.step == 1 and info.privacy is not None and info.privacy.steps == 3
+        assert session.sample(["record 2"])[0].sequences[0].text == text

@@ -1,0 +1,125 @@
+"""The per-tenant audit chain: every state-changing operation is recorded; tampering is detected."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session
+
+from tensafe.server.db import AuditRow, Tenant
+from tests.server.conftest import Api
+from tests.server.test_api import T, create_session, step
+from tests.serving import cli
+
+
+def chain(api: Api, tenant: str = "alice") -> list[dict[str, object]]:
+    records: list[dict[str, object]] = api.http.get("/api/v1/audit", headers=api.headers(tenant)).json()
+    return records
+
+
+def run_operations(api: Api) -> str:
+    session_id = create_session(api)
+    step(api, session_id, 1)
+    step(api, session_id, 2)
+    saved = api.http.post(f"{T}/{session_id}/save_state", json={}, headers=api.headers("alice")).json()
+    api.http.post(f"{T}/{session_id}/load_state", json={"state_id": saved["state_id"]}, headers=api.headers("alice"))
+    return session_id
+
+
+def test_every_state_changing_operation_is_chained_per_tenant(api: Api) -> None:
+    session_id = run_operations(api)
+    records = chain(api)
+    assert [r["operation"] for r in records] == [
+        "training.create",
+        "forward_backward",
+        "optim_step",
+        "forward_backward",
+        "optim_step",
+        "save_state",
+        "load_state",
+    ]
+    assert [r["seq"] for r in records] == list(range(1, 8))
+    assert all(r["subject"] == session_id for r in records)
+    steps = [r for r in records if r["operation"] == "optim_step"]
+    info = api.http.get(f"{T}/{session_id}", headers=api.headers("alice")).json()
+    assert steps[-1]["epsilon"] == info["privacy"]["epsilon"]
+    assert len({r["request_hash"] for r in records}) >= 5
+    assert chain(api, "bob") == []
+    assert api.http.get("/api/v1/audit/verify", headers=api.headers("alice")).json() == {
+        "ok": True,
+        "records": 7,
+        "problems": [],
+    }
+
+
+def _alice(db: Session) -> str:
+    tenant_id: str = db.execute(select(Tenant.id).where(Tenant.name == "alice")).scalar_one()
+    return tenant_id
+
+
+def edit(db: Session) -> None:
+    db.execute(update(AuditRow).where(AuditRow.tenant_id == _alice(db), AuditRow.seq == 3).values(epsilon=0.001))
+
+
+def delete_middle(db: Session) -> None:
+    db.execute(delete(AuditRow).where(AuditRow.tenant_id == _alice(db), AuditRow.seq == 4))
+
+
+def delete_last(db: Session) -> None:
+    db.execute(delete(AuditRow).where(AuditRow.tenant_id == _alice(db), AuditRow.seq == 7))
+
+
+def reorder(db: Session) -> None:
+    rows = db.execute(select(AuditRow).where(AuditRow.tenant_id == _alice(db), AuditRow.seq.in_((2, 3)))).scalars()
+    a, b = sorted(rows, key=lambda r: r.seq)
+    fields = ("time", "operation", "subject", "request_hash", "result_hash", "epsilon", "prev_hash", "hash")
+    values_a = {f: getattr(a, f) for f in fields}
+    for f in fields:
+        setattr(a, f, getattr(b, f))
+        setattr(b, f, values_a[f])
+
+
+@pytest.mark.parametrize(
+    ("tamper", "finding"),
+    [
+        (edit, "record 3 (optim_step) was altered"),
+        (delete_middle, "rows deleted or reordered"),
+        (delete_last, "records removed"),
+        (reorder, "does not link"),
+    ],
+    ids=["edited", "deleted", "deleted-last", "reordered"],
+)
+def test_audit_verify_detects_tampering(
+    api: Api, tmp_path: Path, database: str | None, tamper: Callable[[Session], None], finding: str
+) -> None:
+    run_operations(api)
+    create_session(api, tenant="bob")
+    ok = cli("audit", "verify", data_dir=tmp_path / "data", database=database)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "alice: ok (7 records)" in ok.stdout and "bob: ok (1 records)" in ok.stdout
+    with api.service.db() as db:
+        tamper(db)
+    broken = cli("audit", "verify", data_dir=tmp_path / "data", database=database)
+    assert broken.returncode == 1
+    assert "alice: BROKEN" in broken.stdout and finding in broken.stdout
+    assert "bob: ok" in broken.stdout
+    verdict = api.http.get("/api/v1/audit/verify", headers=api.headers("alice")).json()
+    assert verdict["ok"] is False and any(finding in p for p in verdict["problems"])
+
+
+def test_the_chain_cannot_be_rehashed_without_the_master_key(api: Api) -> None:
+    """Recomputing an edited row's hash with plain SHA-256 (no master key) does not pass verification."""
+    import hashlib
+
+    run_operations(api)
+    with api.service.db() as db:
+        row = db.execute(select(AuditRow).where(AuditRow.tenant_id == _alice(db), AuditRow.seq == 7)).scalar_one()
+        row.epsilon = 0.0
+        row.hash = hashlib.sha256(b"forged").hexdigest()
+        tenant = db.get(Tenant, row.tenant_id)
+        assert tenant is not None
+        tenant.audit_head = row.hash
+    assert api.http.get("/api/v1/audit/verify", headers=api.headers("alice")).json()["ok"] is False

@@ -1,0 +1,47 @@
+"""The serve, keys and audit commands stay import-light; the SDK names what to install."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+HELP_CHECK = """
+import json, sys
+from click.testing import CliRunner
+import tensafe
+from tensafe.cli.main import cli
+outputs = [CliRunner().invoke(cli, args) for args in (["--help"], ["keys", "--help"], ["audit", "--help"])]
+assert all(o.exit_code == 0 for o in outputs), [o.output for o in outputs]
+heavy = ("fastapi", "starlette", "sqlalchemy", "httpx", "uvicorn", "cryptography", "torch")
+print(json.dumps({"heavy": sorted(m for m in heavy if m in sys.modules), "help": outputs[0].output}))
+"""
+
+NO_HTTPX = """
+import sys
+sys.modules["httpx"] = None  # as if it were not installed
+from tensafe.errors import MissingDependencyError
+from tensafe.sdk import TenSafeClient
+try:
+    TenSafeClient("http://127.0.0.1:1", "tsk_a_b")
+except MissingDependencyError as exc:
+    print(exc)
+"""
+
+
+def test_help_and_the_server_commands_import_nothing_heavy() -> None:
+    result = subprocess.run([sys.executable, "-c", HELP_CHECK], capture_output=True, text=True, check=True)
+    report = json.loads(result.stdout)
+    assert report["heavy"] == []
+    assert all(name in report["help"] for name in ("serve", "keys", "audit"))
+
+
+def test_the_remote_client_without_httpx_says_what_to_install() -> None:
+    result = subprocess.run([sys.executable, "-c", NO_HTTPX], capture_output=True, text=True, check=True)
+    assert "pip install 'tensafe-core[client]'" in result.stdout
+
+
+def test_sdk_names_are_importable_from_tensafe_lazily() -> None:
+    code = "import sys, tensafe; a = 'tensafe.sdk' in sys.modules; from tensafe import TenSafeClient; print(a)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
