@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 HELP_CHECK = """
 import json, sys
@@ -19,6 +20,7 @@ print(json.dumps({"heavy": sorted(m for m in heavy if m in sys.modules), "help":
 
 NO_HTTPX = """
 import sys
+from pathlib import Path
 sys.modules["httpx"] = None  # as if it were not installed
 from tensafe.errors import MissingDependencyError
 from tensafe.sdk import TenSafeClient
@@ -45,3 +47,24 @@ def test_sdk_names_are_importable_from_tensafe_lazily() -> None:
     code = "import sys, tensafe; a = 'tensafe.sdk' in sys.modules; from tensafe import TenSafeClient; print(a)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def _tensafe(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tensafe.cli.main", *args], capture_output=True, text=True)
+
+
+def test_an_unusable_database_url_is_a_clear_error_not_a_traceback(tmp_path: Path) -> None:
+    result = _tensafe("keys", "create", "alice", "--data-dir", str(tmp_path / "data"), "--database", "nosuch://x")
+    assert result.returncode == 2
+    assert "database URL not usable" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_reading_a_data_directory_that_does_not_exist_is_refused(tmp_path: Path) -> None:
+    missing = tmp_path / "typo"
+    for args in (["audit", "verify"], ["keys", "list"]):
+        result = _tensafe(*args, "--data-dir", str(missing))
+        assert result.returncode == 2, (args, result.stderr)
+        assert "no TenSafe server data" in result.stderr
+        assert "Traceback" not in result.stderr
+    assert not missing.exists()  # nothing, not even a fresh master key, was created

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from tensafe.cli.context import plugin_manager
-from tensafe.errors import TensafeError
+from tensafe.errors import TensafeError, UsageError
 from tensafe.hookspecs import hookimpl
 
 CONFIG_ARG = click.argument("config_file", metavar="[CONFIG]", required=False, type=click.Path(path_type=Path))
@@ -364,7 +364,14 @@ DATABASE_OPTION = click.option(
 )
 
 
-def _service(ctx: click.Context, data_dir: Path, database: str | None) -> Any:
+def _service(ctx: click.Context, data_dir: Path, database: str | None, *, create: bool = False) -> Any:
+    """The server's state in ``data_dir``; only ``create`` (serve, keys create) may start a new one.
+
+    A new data directory gets a new master key, so reading one that does not
+    exist (a mistyped path) would silently find nothing: that is refused.
+    """
+    if not create and not data_dir.is_dir():
+        raise UsageError(f"no TenSafe server data in {data_dir}; pass --data-dir (or create a key first)")
     from tensafe.server import require
 
     require("sqlalchemy")
@@ -398,7 +405,7 @@ def serve_cmd(ctx: click.Context, host: str, port: int, data_dir: Path, database
 
     from tensafe.server.app import create_app
 
-    service = _service(ctx, data_dir, database)
+    service = _service(ctx, data_dir, database, create=True)
     failed = service.recover()
     if failed:
         click.echo(f"{failed} operations from before a restart are reported failed (retryable)", err=True)
@@ -424,7 +431,7 @@ def keys_create(ctx: click.Context, tenant: str, label: str, data_dir: Path, dat
     """Create an API key for TENANT (created if new); the key is printed once, only its hash is kept."""
     from tensafe.server.auth import create_key
 
-    service = _service(ctx, data_dir, database)
+    service = _service(ctx, data_dir, database, create=True)
     try:
         with service.db() as db:
             key_id, key = create_key(db, service.keyring, tenant, label)

@@ -21,6 +21,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
+from tensafe.errors import ConfigError
+
 DB_FILE = "tensafe.db"
 
 
@@ -127,11 +129,26 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 def open_database(url: str) -> tuple[Engine, sessionmaker[Any]]:
-    """Connect, create missing tables, and return the engine and a session factory."""
-    if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
-        event.listen(engine, "connect", _sqlite_pragmas)
-    else:
-        engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
-    Base.metadata.create_all(engine)
+    """Connect, create missing tables, and return the engine and a session factory.
+
+    A URL SQLAlchemy cannot use, or a database it cannot reach, is a :class:`ConfigError`.
+    """
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
+
+    try:
+        if url.startswith("sqlite"):
+            engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+            event.listen(engine, "connect", _sqlite_pragmas)
+        else:
+            engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    except (ArgumentError, NoSuchModuleError, ImportError) as exc:
+        raise ConfigError(
+            f"database URL not usable ({exc}); give sqlite:///PATH or postgresql://USER:PASSWORD@HOST/DB "
+            "(PostgreSQL needs pip install 'tensafe-core[postgres]')"
+        ) from None
+    try:
+        Base.metadata.create_all(engine)
+    except OperationalError as exc:
+        engine.dispose()
+        raise ConfigError(f"cannot reach the database {engine.url!r}: {exc.orig}") from None
     return engine, sessionmaker(engine, expire_on_commit=False)
