@@ -16,6 +16,10 @@ POLICY_LOSSES = "policy_losses"
 #: ``MLBackend.sample_stream`` yields text while it is generated.
 STREAMING = "streaming"
 
+#: ``MLBackend.noised_gradient`` returns the gradient the last DP ``optim_step`` applied, so the
+#: conformance suite can check clipping and noise (see docs/plugins.md, "Proving DP-SGD").
+DP_PROBE = "dp_probe"
+
 #: ``MLBackend.lora_delta`` runs the base model with each LoRA module's delta supplied by a callback.
 LORA_DELTA = "lora_delta"
 
@@ -24,6 +28,7 @@ KNOWN: dict[str, str] = {
     SEEDED_SAMPLING: "reproducible sampling from SamplingParams.seed",
     POLICY_LOSSES: "the importance_sampling and ppo losses",
     STREAMING: "streamed generation (sample_stream)",
+    DP_PROBE: "the gradient the last DP optim_step applied (noised_gradient), for privacy conformance checks",
     LORA_DELTA: "base model with LoRA deltas from a callback (read_lora, lora_delta), for HE-LoRA",
 }
 

@@ -82,7 +82,14 @@ class DPConfig(_Section):
         0.8, gt=0, le=1, description="Report a warning once this share of the budget is spent."
     )
     secure_rng: bool = Field(
-        True, description="Draw noise from the OS CSPRNG; False uses the run seed (reproducible, not private)."
+        True,
+        description="Seed the noise from the OS CSPRNG, afresh on every start and resume, and never persist it; "
+        "False seeds it from training.seed (reproducible, not private).",
+    )
+    secure_mode: bool = Field(
+        False,
+        description="Opacus secure mode: each noise draw sums several Gaussian samples, which resists "
+        "floating-point attacks on the noise; slower (see benchmarks/dp_overhead.py).",
     )
 
     @model_validator(mode="after")
@@ -115,6 +122,21 @@ class DataConfig(_Section):
     path: Path | None = Field(None, description="JSONL file; None = the ML backend's embedded default dataset.")
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of records held out for evaluation.")
     max_records: int | None = Field(None, ge=1, description="Use at most this many records.")
+    eval_path: Path | None = Field(
+        None,
+        description="JSONL file of held-out records; None = hold out eval_fraction of data.path, decided per "
+        "record by a hash of its content (adding or removing a record moves no other).",
+    )
+    probes: list[str] | None = Field(
+        None,
+        description="Public prompts (not records) for sample completions before and after training and for the "
+        "adapter-change check; None = the ML backend's public probes for its embedded dataset, if any.",
+    )
+    public: bool = Field(
+        False,
+        description="Declare the training data public: record text may then be shown (e.g. held-out prompts as "
+        "samples). Leave False for private data.",
+    )
 
 
 class RewardTerm(_Section):

@@ -83,7 +83,12 @@ class MLBackend(abc.ABC):
 
     @abc.abstractmethod
     def save_state(self) -> bytes:
-        """Adapter weights, optimizer state, RNG state and step, without pickle."""
+        """Adapter weights, optimizer state, sampling RNG state and step, without pickle.
+
+        Never the DP noise generator's state: whoever holds a saved state must not
+        be able to regenerate past or future noise. After :meth:`load_state` a DP
+        backend with ``dp.secure_rng`` draws noise from a freshly seeded CSPRNG.
+        """
 
     @abc.abstractmethod
     def load_state(self, state: bytes) -> int:
@@ -106,6 +111,22 @@ class MLBackend(abc.ABC):
     def default_dataset(self) -> Path | None:
         """A JSONL dataset shipped with the backend, used when the config names none."""
         return None
+
+    def default_probes(self) -> list[str]:
+        """Public prompts (not records) that suit :meth:`default_dataset`, for samples shown before and after."""
+        return []
+
+    def noised_gradient(self) -> list[float]:
+        """The gradient the last DP ``optim_step`` handed to the optimizer (capability ``dp_probe``).
+
+        All trainable parameters flattened in a fixed order, after per-sample
+        clipping, the noise and the division by the expected batch size: what
+        the privacy guarantee covers, nothing earlier. The conformance suite
+        uses it to check clipping and noise statistically.
+        """
+        from tensafe.errors import BackendError
+
+        raise BackendError(f"{type(self).__name__} does not declare the 'dp_probe' capability")
 
     def read_lora(self, directory: Path) -> dict[str, tuple[Any, Any, float]]:
         """``{module name: (A, B, scaling)}`` of an exported adapter, without loading it (capability ``lora_delta``).

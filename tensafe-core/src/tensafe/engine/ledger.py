@@ -1,0 +1,183 @@
+"""The privacy spend of a run or session, and the certificate that states it.
+
+:class:`PrivacyCertificate` is the one typed statement of a guarantee: run
+reports, session answers and TGSP packages all carry it, and TGSP validates a
+package's certificate with it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from tensafe.errors import PrivacyBudgetExceeded, UsageError
+
+if TYPE_CHECKING:
+    from tensafe.interfaces import PrivacyAccountant
+
+#: How the certificate describes the sampling its epsilon assumes.
+SAMPLING_BY_ENGINE = "poisson, by the engine over the training records"
+SAMPLING_DECLARED = (
+    "poisson at a rate declared by the caller, who supplied the batches (an assumption, not a guarantee)"
+)
+RANDOMNESS_SECURE = "os-csprng: noise seeded from the operating system's CSPRNG at every start; its state is never saved"
+RANDOMNESS_SEEDED = "seeded from training.seed: reproducible, NOT private (whoever knows the seed can remove the noise)"
+RANDOMNESS_SECURE_MODE = RANDOMNESS_SECURE + "; Opacus secure mode (summed Gaussian draws)"
+#: The privacy unit of runs and sessions: what one neighbouring dataset adds or removes.
+PRIVACY_UNIT = "one JSONL record of the training file"
+PRIVACY_UNIT_SESSION = "one record of the caller's dataset, contributing at most one datum per step"
+CALLER_DUTIES = (
+    "draw each step's batch by Poisson sampling at the declared sampling_rate, independently of past results",
+    "let each record contribute at most one datum to a step (unless the certificate says otherwise)",
+    "count dataset_size as the records the rate applies to",
+)
+
+
+class ProtectedSet(BaseModel):
+    """The records the guarantee covers: how many, and a digest that identifies them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    records: int = Field(ge=0, description="Training records the guarantee covers.")
+    digest: str = Field(description="sha256 over the training records' canonical JSON, in file order.")
+    source: str | None = Field(None, description="The data file the records came from.")
+
+
+class PrivacyCertificate(BaseModel):
+    """What a DP-trained adapter's privacy guarantee is, and what lies outside it.
+
+    Only ``accountant``, ``epsilon``, ``delta`` and ``steps`` are required, so
+    packages made by other tools validate; TenSafe always fills every field it
+    knows. Unknown fields are kept (a later version may add some).
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    accountant: str = Field(min_length=1, description="Registered accountant that computed epsilon.")
+    epsilon: float = Field(ge=0, description="Epsilon spent, at delta.")
+    delta: float = Field(ge=0, le=1, description="delta of (epsilon, delta)-DP.")
+    steps: int = Field(ge=0, description="Accountant charges (sampled batches) composed.")
+    target_epsilon: float | None = Field(None, gt=0, description="The budget no step could cross.")
+    sampling_rate: float | None = Field(None, gt=0, le=1, description="Poisson sampling rate q.")
+    noise_multiplier: float | None = Field(None, gt=0, description="Noise multiplier each charge is accounted at.")
+    max_grad_norm: float | None = Field(None, gt=0, description="Per-record clipping norm C.")
+    neighbouring_relation: str = Field("add_or_remove_one", description="What neighbouring datasets differ by.")
+    privacy_unit: str | None = Field(None, description="What one neighbouring record is.")
+    sampling: str | None = Field(None, description="Who sampled the batches, and how.")
+    randomness: str | None = Field(None, description="Where the noise came from; says 'NOT private' when seeded.")
+    reproducible_noise: bool | None = Field(None, description="True when the noise was seeded (no guarantee).")
+    mode: Literal["sft", "rlvr", "session"] | None = Field(None, description="Supervised run, RL run or session.")
+    protected_set: ProtectedSet | None = Field(None, description="The training records the guarantee covers.")
+    caller_duties: list[str] = Field(
+        default_factory=list, description="What a caller who supplied batches must have done for epsilon to hold."
+    )
+    outside_guarantee: list[str] = Field(
+        default_factory=list, description="Every release of the run that the guarantee does not cover."
+    )
+    audit_chain_head: str | None = Field(None, description="Head of the audit chain the spend was recorded in.")
+
+    @field_validator("epsilon", "delta", "target_epsilon", "sampling_rate", "noise_multiplier", "max_grad_norm")
+    @classmethod
+    def _finite(cls, value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+    def to_json(self) -> dict[str, Any]:
+        """The certificate as a JSON object (unset optional fields left out)."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+@dataclass
+class PrivacyLedger:
+    """The spend of a run or session: an accountant plus the parameters it is charged with."""
+
+    accountant_name: str
+    accountant: PrivacyAccountant
+    sampling_rate: float
+    noise_multiplier: float
+    delta: float
+    target_epsilon: float | None
+    warn_fraction: float
+    secure_rng: bool
+    max_grad_norm: float
+    secure_mode: bool = False
+    #: Optimizer steps covered by one charge (PPO epochs on one sample; see tensafe.rl.privacy).
+    updates_per_charge: int = 1
+    #: Noise multiplier of each optimizer step; ``noise_multiplier`` is what one charge is accounted at.
+    update_noise_multiplier: float = 0.0
+    sampling: str = SAMPLING_BY_ENGINE
+    #: Certificate fields the run or session adds (mode, privacy unit, protected set, what lies outside).
+    statement: dict[str, Any] = field(default_factory=dict)
+    warned: bool = False
+
+    def charge(self) -> None:
+        """Account for one sampled batch (``updates_per_charge`` optimizer steps)."""
+        self.accountant.compose_step(self.sampling_rate, self.noise_multiplier)
+
+    def epsilon(self) -> float:
+        return self.accountant.get_epsilon(self.delta)
+
+    def check_budget(self, steps: int) -> None:
+        """Refuse (before it runs) a step that would take the spend past the target epsilon."""
+        if self.target_epsilon is None:
+            return
+        would_be = self.epsilon_after_next_step()
+        if would_be > self.target_epsilon:
+            raise PrivacyBudgetExceeded(
+                epsilon=self.epsilon(),
+                delta=self.delta,
+                steps=steps,
+                target_epsilon=self.target_epsilon,
+                would_be=would_be,
+            )
+
+    def epsilon_after_next_step(self) -> float:
+        """Epsilon the run would reach after one more step, computed on a copy."""
+        trial = type(self.accountant)()
+        trial.load_state(self.accountant.state())
+        trial.compose_step(self.sampling_rate, self.noise_multiplier)
+        return trial.get_epsilon(self.delta)
+
+    def randomness(self) -> str:
+        if not self.secure_rng:
+            return RANDOMNESS_SEEDED
+        return RANDOMNESS_SECURE_MODE if self.secure_mode else RANDOMNESS_SECURE
+
+    def certificate(self) -> PrivacyCertificate:
+        return PrivacyCertificate(
+            accountant=self.accountant_name,
+            epsilon=self.epsilon(),
+            delta=self.delta,
+            steps=self.accountant.steps,
+            target_epsilon=self.target_epsilon,
+            sampling_rate=self.sampling_rate,
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.max_grad_norm,
+            sampling=self.sampling,
+            randomness=self.randomness(),
+            reproducible_noise=not self.secure_rng,
+            **self.statement,
+        )
+
+    def to_state(self) -> dict[str, Any]:
+        return {
+            "accountant": self.accountant_name,
+            "accountant_state": self.accountant.state(),
+            "sampling_rate": self.sampling_rate,
+            "noise_multiplier": self.noise_multiplier,
+            "delta": self.delta,
+            "warned": self.warned,
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Take over a saved spend; refuses one made with other privacy parameters."""
+        mine = (self.accountant_name, self.sampling_rate, self.noise_multiplier, self.delta)
+        theirs = (state["accountant"], state["sampling_rate"], state["noise_multiplier"], state["delta"])
+        if mine != theirs:
+            raise UsageError(f"checkpoint was made with accountant, q, sigma, delta = {theirs}, not {mine}")
+        self.accountant.load_state(state["accountant_state"])
+        self.warned = bool(state["warned"])
