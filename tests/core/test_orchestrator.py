@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import random
 from pathlib import Path
 from typing import Any
@@ -224,15 +225,11 @@ def test_report_shows_epsilon_by_step(pm: TensafePluginManager, qa_dataset: Path
     assert report["privacy"]["randomness"].startswith("seeded")
 
 
-def losses_and_spend(report: dict[str, Any]) -> list[tuple[float, float]]:
-    return [(h["loss"], h["epsilon"]) for h in report["history"]]
-
-
 def test_interrupted_run_resumes_exactly_where_it_stopped(
     pm: TensafePluginManager, qa_dataset: Path, tmp_path: Path
 ) -> None:
-    config = dp_config(qa_dataset, tmp_path, target_epsilon=None)
-    config.training.steps = 8
+    # Without DP nothing is random but the seeded batch sampling, which the checkpoint carries: exact resume.
+    config = config_for(qa_dataset, tmp_path, training={"steps": 8, "batch_size": 8, "checkpoint_every": 1})
     straight = TenSafeOrchestrator(config, plugin_manager=pm).run(run_dir=tmp_path / "straight")
 
     vetoer = StepVetoer(first_refused=6)
@@ -241,14 +238,38 @@ def test_interrupted_run_resumes_exactly_where_it_stopped(
         TenSafeOrchestrator(config, plugin_manager=pm).run(run_dir=tmp_path / "resumed")
     pm.unregister(vetoer)
     saved = json.loads((tmp_path / "resumed" / "checkpoint" / "progress.json").read_text())
-    assert saved["step"] == 5 and saved["privacy"]["accountant_state"]["steps"] == 5
+    assert saved["step"] == 5
 
     resumed = TenSafeOrchestrator(config, plugin_manager=pm).run(run_dir=tmp_path / "resumed", resume=True)
     assert resumed["steps"] == 8
-    assert losses_and_spend(resumed) == losses_and_spend(straight)
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in straight["history"]]
     assert (tmp_path / "resumed" / "adapter" / "bigram_adapter.json").read_text() == (
         tmp_path / "straight" / "adapter" / "bigram_adapter.json"
     ).read_text()
+
+
+def test_a_resumed_dp_run_keeps_its_spend_and_draws_fresh_noise(
+    pm: TensafePluginManager, qa_dataset: Path, tmp_path: Path
+) -> None:
+    config = dp_config(qa_dataset, tmp_path, target_epsilon=None)
+    config.dp.secure_rng = True
+    config.training.steps = 8
+    vetoer = StepVetoer(first_refused=6)
+    pm.register(vetoer)
+    with pytest.raises(StepVetoed):
+        TenSafeOrchestrator(config, plugin_manager=pm).run(run_dir=tmp_path / "r")
+    pm.unregister(vetoer)
+    saved = json.loads((tmp_path / "r" / "checkpoint" / "progress.json").read_text())
+    assert saved["step"] == 5 and saved["privacy"]["accountant_state"]["steps"] == 5
+    assert saved["rng"] is None, "batch sampling under DP uses the OS CSPRNG, which has no state to save"
+    adapters = []
+    for name in ("a", "b"):
+        shutil.copytree(tmp_path / "r", tmp_path / name)
+        report = TenSafeOrchestrator(config, plugin_manager=pm).run(run_dir=tmp_path / name, resume=True)
+        assert report["steps"] == 8 and report["privacy"]["steps"] == 8
+        assert [h["epsilon"] for h in report["history"]] == pytest.approx([(8 / 36) * s for s in range(1, 9)])
+        adapters.append((tmp_path / name / "adapter" / "bigram_adapter.json").read_text())
+    assert adapters[0] != adapters[1], "two resumes of one checkpoint must not draw the same noise"
 
 
 def test_resume_refuses_a_checkpoint_with_other_privacy_parameters(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import random
 from collections.abc import Callable, Sequence
@@ -11,16 +13,25 @@ from pathlib import Path
 from tensafe.errors import UsageError
 from tensafe.types import Datum, datum_from_sequence
 
-SPLIT_SEED = 20240917
-"""The held-out split depends only on the data, never on the run's seed."""
+SPLIT_KEY = b"tensafe-held-out-split-1"
+"""Keys the hash that decides, per record, whether it is held out (public: the split is not a secret)."""
 
 
 @dataclass(frozen=True)
 class Record:
-    """One training example: a prompt (may be empty) and the text to learn."""
+    """One training example: a prompt (may be empty) and the text to learn.
+
+    ``line`` is the record's 1-based line number in its file (0 when it came
+    from elsewhere), so a report can name held-out records without their text.
+    """
 
     prompt: str
     completion: str
+    line: int = 0
+
+    def canonical(self) -> bytes:
+        """The record's content as canonical JSON bytes (its line number left out)."""
+        return json.dumps([self.prompt, self.completion], ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def load_records(path: Path, *, max_records: int | None = None) -> list[Record]:
@@ -36,7 +47,7 @@ def load_records(path: Path, *, max_records: int | None = None) -> list[Record]:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise UsageError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            records.append(_record(obj, f"{path}:{lineno}"))
+            records.append(_record(obj, f"{path}:{lineno}", lineno))
             if max_records is not None and len(records) >= max_records:
                 break
     if not records:
@@ -44,31 +55,57 @@ def load_records(path: Path, *, max_records: int | None = None) -> list[Record]:
     return records
 
 
-def _record(obj: object, where: str) -> Record:
+def _record(obj: object, where: str, line: int) -> Record:
     if not isinstance(obj, dict):
         raise UsageError(f"{where}: a record must be a JSON object")
     if "text" in obj and "completion" not in obj:
         text = obj["text"]
         if not isinstance(text, str) or not text:
             raise UsageError(f"{where}: 'text' must be a non-empty string")
-        return Record("", text)
+        return Record("", text, line)
     prompt, completion = obj.get("prompt", ""), obj.get("completion")
     if not isinstance(prompt, str) or not isinstance(completion, str) or not completion:
         raise UsageError(f"{where}: expected {{'prompt': str, 'completion': str}} or {{'text': str}}")
-    return Record(prompt, completion)
+    return Record(prompt, completion, line)
+
+
+def held_out(record: Record, eval_fraction: float) -> bool:
+    """Whether ``record`` belongs to the held-out split: a keyed hash of its content below ``eval_fraction``.
+
+    The decision depends on the record alone, so adding or removing one record
+    moves no other between the training and held-out sets.
+    """
+    digest = hmac.new(SPLIT_KEY, record.canonical(), hashlib.sha256).digest()
+    return int.from_bytes(digest[:8], "big") < eval_fraction * 2**64
 
 
 def split_records(records: Sequence[Record], eval_fraction: float) -> tuple[list[Record], list[Record]]:
-    """Shuffle with a fixed seed and hold out ``eval_fraction`` of the records."""
-    order = list(range(len(records)))
-    random.Random(SPLIT_SEED).shuffle(order)
-    n_eval = round(len(records) * eval_fraction)
-    if eval_fraction > 0 and len(records) > 1:
-        n_eval = max(1, n_eval)
-    n_eval = min(n_eval, len(records) - 1)
-    held = sorted(order[:n_eval])
-    train = sorted(order[n_eval:])
-    return [records[i] for i in train], [records[i] for i in held]
+    """``(training, held-out)`` records, each decided per record by :func:`held_out`, in file order."""
+    train = [r for r in records if not held_out(r, eval_fraction)]
+    held = [r for r in records if held_out(r, eval_fraction)]
+    if not train:
+        raise UsageError(
+            f"all {len(records)} records fell into the held-out split; lower data.eval_fraction or add records"
+        )
+    return train, held
+
+
+def records_digest(records: Sequence[Record], key: bytes) -> str:
+    """A keyed commitment to ``records`` (in order): HMAC-SHA256 under ``key``, which stays with the data.
+
+    Without the key it says nothing about the records; with it, the data owner
+    can show which records a certificate covers.
+    """
+    mac = hmac.new(key, digestmod=hashlib.sha256)
+    for record in records:
+        body = record.canonical()
+        mac.update(len(body).to_bytes(8, "big") + body)
+    return "hmac-sha256:" + mac.hexdigest()
+
+
+def weight_total(data: Sequence[Datum]) -> float:
+    """How many tokens a batch's cross-entropy loss counts (its summed weights)."""
+    return sum(sum(d.values("weights", 1.0)) for d in data)
 
 
 def tokenize_record(

@@ -129,11 +129,15 @@ class _ProgressReporter:
 
 
 def _describe(metrics: dict[str, float]) -> str:
+    """The progress bar's text: only what the release gate let out (under DP: epsilon, held-out values)."""
     parts = []
     if "reward" in metrics:
         parts.append(f"reward {metrics['reward']:.3f}")
     elif "loss" in metrics:
         parts.append(f"loss {metrics['loss']:.3f}")
+    for key, label in (("held_out_loss", "held-out loss"), ("held_out_reward", "held-out reward")):
+        if key in metrics:
+            parts.append(f"{label} {metrics[key]:.3f}")
     if "epsilon" in metrics:
         parts.append(f"eps {metrics['epsilon']:.3f}")
     return "  ".join(parts)

@@ -16,7 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tensafe.errors import PrivacyBudgetExceeded, UsageError
 
 if TYPE_CHECKING:
+    from tensafe.config import RunConfig
     from tensafe.interfaces import PrivacyAccountant
+    from tensafe.registry import Registry
 
 #: How the certificate describes the sampling its epsilon assumes.
 SAMPLING_BY_ENGINE = "poisson, by the engine over the training records"
@@ -181,3 +183,52 @@ class PrivacyLedger:
             raise UsageError(f"checkpoint was made with accountant, q, sigma, delta = {theirs}, not {mine}")
         self.accountant.load_state(state["accountant_state"])
         self.warned = bool(state["warned"])
+
+
+def build_ledger(
+    config: RunConfig, registry: Registry, n_train: int | None, declared_rate: float | None = None
+) -> PrivacyLedger | None:
+    """The ledger for a run over ``n_train`` records sampled by the engine (None without DP).
+
+    With ``declared_rate`` the caller supplies the batches and declares their
+    sampling rate; ``n_train`` (if known) then only sets the default delta.
+    """
+    from tensafe.rl.privacy import charged_noise_multiplier, update_noise_multiplier
+
+    dp, training = config.dp, config.training
+    if not dp.enabled:
+        return None
+    accountant = registry.accountant(dp.accountant)
+    if declared_rate is None:
+        assert n_train is not None
+        sampling_rate = min(1.0, training.batch_size / n_train)
+    else:
+        sampling_rate = declared_rate
+    if dp.target_delta is None and n_train is None:
+        raise UsageError("set dp.target_delta, or declare the dataset size so delta defaults to 1 / (10 n)")
+    delta = dp.target_delta if dp.target_delta is not None else 1.0 / (10 * (n_train or 1))
+    if n_train is not None and delta >= 1.0 / n_train:
+        raise UsageError(f"dp.target_delta {delta:g} must be below 1 / records ({1.0 / n_train:g})")
+    updates = config.rl.epochs if config.rl is not None else 1
+    if dp.noise_multiplier is None:
+        assert dp.target_epsilon is not None  # guaranteed by DPConfig
+        charges = training.steps // updates
+        charged = accountant.calibrate_noise_multiplier(dp.target_epsilon, delta, sampling_rate, charges)
+        sigma = update_noise_multiplier(charged, updates)
+    else:
+        sigma, charged = dp.noise_multiplier, charged_noise_multiplier(dp.noise_multiplier, updates)
+    return PrivacyLedger(
+        dp.accountant,
+        accountant,
+        sampling_rate,
+        charged,
+        delta,
+        dp.target_epsilon,
+        dp.warn_fraction,
+        dp.secure_rng,
+        dp.max_grad_norm,
+        secure_mode=dp.secure_mode,
+        updates_per_charge=updates,
+        update_noise_multiplier=sigma,
+        sampling=SAMPLING_BY_ENGINE if declared_rate is None else SAMPLING_DECLARED,
+    )

@@ -1,17 +1,25 @@
-"""The RLVR update loop: REINFORCE with a baseline, or PPO, on batches the orchestrator admits.
+"""The RLVR update loop: REINFORCE with a baseline, or PPO, on batches the step gate admits.
 
-The orchestrator owns everything a step shares with supervised training:
-Poisson sampling, the veto hook, the budget check, privacy accounting, step
-reports, checkpoints and the run report. This loop does the RL part in
-between: rollouts through ``MLBackend.sample``, rewards, advantages and
-updates through ``forward_backward`` with the backend's policy losses.
+The engine owns everything a step shares with supervised training: Poisson
+sampling, the veto hook, the budget check, privacy accounting, the release
+gate, checkpoints and the run report; this loop reaches it through the
+:class:`~tensafe.engine.gate.StepGate` only. It does the RL part in between:
+rollouts through ``MLBackend.sample``, rewards, advantages and updates through
+``forward_backward`` with the backend's policy losses.
+
+Rollout randomness is per record: each sampled record's rollouts get their own
+seed, drawn from the OS CSPRNG under DP with ``dp.secure_rng`` (never saved),
+so one record's rollouts are independent of the rest of the batch and of
+anything a checkpoint holds.
 """
 
 from __future__ import annotations
 
 import math
+import random
+import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -23,8 +31,9 @@ from tensafe.types import SamplingParams
 if TYPE_CHECKING:
     from tensafe.config import RLConfig
     from tensafe.data import Record
+    from tensafe.engine.gate import StepGate
+    from tensafe.engine.run import TrainingRun
     from tensafe.interfaces import MLBackend, RewardFunction
-    from tensafe.orchestrator import TenSafeOrchestrator, TrainingRun
     from tensafe.types import Datum
 
 LOSSES = {"reinforce": "importance_sampling", "ppo": "ppo"}
@@ -114,15 +123,29 @@ class RLVRLoop:
             metrics.update(result.metrics)
         return metrics
 
-    def train_step(self, orchestrator: TenSafeOrchestrator, run: TrainingRun) -> dict[str, float]:
+    def _seeds(self, run: TrainingRun) -> Callable[[int], int]:
+        """Each record's rollout seed: secret under DP with secure_rng, else reproducible from training.seed."""
+        seed = run.config.training.seed
+        if (run.privacy is not None and run.config.dp.secure_rng) or seed is None:
+            return lambda _index: secrets.randbits(63)
+        iteration = self.iterations
+        return lambda index: random.Random(f"{seed}:{iteration}:{index}").getrandbits(63)
+
+    def train_step(self, gate: StepGate, run: TrainingRun) -> dict[str, float]:
         """One sampled batch: rollouts, rewards, advantages, ``epochs`` updates, one privacy charge."""
-        indices = orchestrator.admit_batch(run, run.step + self.config.epochs)
+        indices = gate.admit_batch(run, run.step + self.config.epochs)
         started = time.perf_counter()
         batch = collect_rollouts(
-            run.backend, run.train_records, indices, self.reward, self.sampling(), self.config.group_size
+            run.backend,
+            run.train_records,
+            indices,
+            self.reward,
+            self.sampling(),
+            self.config.group_size,
+            self._seeds(run),
         )
         sampled = time.perf_counter()
-        self._report_excluded(orchestrator, run, batch)
+        self._report_excluded(gate, run, batch)
         assign_advantages(batch, self.config.baseline, self.config.normalize_advantages, self.running_baseline)
         self.had_signal = self.had_signal or any(r.advantage != 0.0 for r in batch.scored)
         metrics = {
@@ -141,11 +164,14 @@ class RLVRLoop:
                 mean if self.running_baseline is None else decay * self.running_baseline + (1 - decay) * mean
             )
         self.iterations += 1
-        return orchestrator.commit_step(run, metrics)
+        return gate.commit_step(run, metrics)
 
-    def _report_excluded(self, orchestrator: TenSafeOrchestrator, run: TrainingRun, batch: RolloutBatch) -> None:
-        for rollout in batch.excluded:
-            self.excluded_total += 1
-            orchestrator.audit(
-                "rl.rollout_excluded", run.run_id, step=run.step + 1, record=rollout.record, error=rollout.error
-            )
+    def _report_excluded(self, gate: StepGate, run: TrainingRun, batch: RolloutBatch) -> None:
+        """Count excluded rollouts in the audit log: never which record or the reward's error text.
+
+        Under DP even the count is a statistic of private records, so nothing is recorded.
+        """
+        if gate.release.private or not batch.excluded:
+            return
+        self.excluded_total += len(batch.excluded)
+        gate.audit("rl.rollouts_excluded", run.run_id, step=run.step + 1, count=len(batch.excluded))

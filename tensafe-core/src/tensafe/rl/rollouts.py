@@ -9,10 +9,11 @@ it (see :mod:`tensafe.rl.privacy`).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from tensafe.errors import BackendError
 from tensafe.rl.rewards import score
 from tensafe.types import Datum
 
@@ -69,21 +70,30 @@ def collect_rollouts(
     reward: RewardFunction,
     sampling: SamplingParams,
     group_size: int,
+    seed_for: Callable[[int], int],
 ) -> RolloutBatch:
     """Sample ``group_size`` continuations of each record's prompt and score each one.
 
-    A reward that raises or is not finite excludes that rollout only; the
-    batch carries the reason.
+    Each record's rollouts come from one ``sample`` call seeded by
+    ``seed_for(index)`` (secret CSPRNG seeds under DP), so they depend on that
+    record alone, never on which other records were sampled with it. A
+    backend that returns more than ``group_size`` sequences for a prompt is an
+    error: DP-RLVR's clipping to ``C / group_size`` bounds a record's
+    influence only if it has at most that many. A reward that raises or is not
+    finite excludes that rollout only; the batch carries the reason.
     """
     batch = RolloutBatch()
-    if not indices:
-        return batch
-    prompts = [backend.encode(records[i].prompt) for i in indices]
-    responses = backend.sample(prompts, sampling, group_size)
-    for index, prompt, response in zip(indices, prompts, responses, strict=True):
-        group = []
+    for index in indices:
         record = records[index]
-        for seq in response.sequences:
+        prompt = backend.encode(record.prompt)
+        responses = backend.sample([prompt], sampling.model_copy(update={"seed": seed_for(index)}), group_size)
+        if len(responses) != 1 or len(responses[0].sequences) > group_size:
+            got = sum(len(r.sequences) for r in responses)
+            raise BackendError(
+                f"the ML backend returned {got} sequences for one prompt where {group_size} were asked for"
+            )
+        group = []
+        for seq in responses[0].sequences:
             result = score(reward, record.prompt, seq.text, record.completion)
             group.append(
                 Rollout(
