@@ -25,7 +25,9 @@ SAMPLING_BY_ENGINE = "poisson, by the engine over the training records"
 SAMPLING_DECLARED = (
     "poisson at a rate declared by the caller, who supplied the batches (an assumption, not a guarantee)"
 )
-RANDOMNESS_SECURE = "os-csprng: noise seeded from the operating system's CSPRNG at every start; its state is never saved"
+RANDOMNESS_SECURE = (
+    "os-csprng: noise seeded from the operating system's CSPRNG at every start; its state is never saved"
+)
 RANDOMNESS_SEEDED = "seeded from training.seed: reproducible, NOT private (whoever knows the seed can remove the noise)"
 RANDOMNESS_SECURE_MODE = RANDOMNESS_SECURE + "; Opacus secure mode (summed Gaussian draws)"
 #: The privacy unit of runs and sessions: what one neighbouring dataset adds or removes.

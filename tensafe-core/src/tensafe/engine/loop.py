@@ -25,7 +25,7 @@ from tensafe.engine.inference import sample_text
 from tensafe.engine.ledger import PRIVACY_UNIT, ProtectedSet, build_ledger
 from tensafe.engine.packaging import check_packaging, package_adapter, packaging_configured
 from tensafe.engine.report import write_report
-from tensafe.engine.run import RunStrategy, TrainingRun, load_run_data
+from tensafe.engine.run import TrainingRun, load_run_data
 from tensafe.engine.state import CHECKPOINT_DIR, load_checkpoint, save_checkpoint
 from tensafe.errors import BackendError, UsageError
 from tensafe.types import datum_from_sequence
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from tensafe.engine.ledger import PrivacyLedger
     from tensafe.interfaces import MLBackend
     from tensafe.registry import Registry
+    from tensafe.rl.loop import RLVRLoop
     from tensafe.types import Datum
 
 #: The secret key of the protected set's digest, kept in the run directory with the data owner.
@@ -64,7 +65,7 @@ def calibrate(
     return config, privacy
 
 
-def rl_loop(config: RunConfig, registry: Registry, backend: MLBackend) -> RunStrategy | None:
+def rl_loop(config: RunConfig, registry: Registry, backend: MLBackend) -> RLVRLoop | None:
     """The RL loop for ``mode: rlvr``, its rewards resolved; None for supervised runs."""
     rl = config.rl
     if config.mode != "rlvr" or rl is None:
