@@ -10,13 +10,16 @@ from typing import Any
 import pytest
 
 from tensafe.config import RewardTerm, RunConfig, build_config
-from tensafe.errors import ConfigError, StepVetoed, UsageError
+from tensafe.data import Record
+from tensafe.errors import BackendError, ConfigError, StepVetoed, UsageError
 from tensafe.orchestrator import TenSafeOrchestrator
 from tensafe.plugins import TensafePluginManager
 from tensafe.rl.privacy import backend_config
 from tensafe.rl.rewards import ExactMatch, NumericMatch, RegexMatch, resolve_rewards, resolve_term, score
-from tensafe.rl.rollouts import Rollout, RolloutBatch, assign_advantages, policy_datum
+from tensafe.rl.rollouts import Rollout, RolloutBatch, assign_advantages, collect_rollouts, policy_datum
 from tensafe.testing import fresh_plugin_manager
+from tensafe.types import SamplingParams
+from tensafe_bigram.backend import BigramBackend
 from tests.mocks.accountants import LinearAccountantPlugin
 from tests.mocks.observers import StepVetoer
 from tests.mocks.rewards import AuditRecorder
@@ -331,3 +334,49 @@ def test_a_dp_rlvr_checkpoint_resumes_with_its_spend(
         evaluate=False, run_dir=Path(first["run_dir"]), resume=True
     )
     assert again["steps"] == 10 and again["privacy"]["steps"] == 5
+
+
+# -- per-record rollouts --------------------------------------------------------
+
+
+def _rollouts(pm: TensafePluginManager, qa_dataset: Path, tmp_path: Path, indices: list[int]) -> list[list[str]]:
+    orchestrator = TenSafeOrchestrator(rl_config(qa_dataset, tmp_path, training={"seed": 5}), plugin_manager=pm)
+    run = orchestrator.prepare()
+    assert run.rl is not None
+    sampling = run.rl.sampling()  # type: ignore[attr-defined]
+    seeds = run.rl._seeds(run)  # type: ignore[attr-defined]
+    batch = collect_rollouts(run.backend, run.train_records, indices, run.rl.reward, sampling, 3, seeds)  # type: ignore[attr-defined]
+    return [[r.text for r in group] for group in batch.groups]
+
+
+def test_a_records_rollouts_do_not_depend_on_the_rest_of_the_batch(
+    pm: TensafePluginManager, qa_dataset: Path, tmp_path: Path
+) -> None:
+    alone = _rollouts(pm, qa_dataset, tmp_path, [7])
+    with_others = _rollouts(pm, qa_dataset, tmp_path, [1, 2, 7, 30])
+    assert with_others[2] == alone[0]
+    assert len({tuple(g) for g in with_others}) > 1
+
+
+def test_dp_rollout_seeds_are_secret(pm: TensafePluginManager, qa_dataset: Path, tmp_path: Path) -> None:
+    config = rl_config(
+        qa_dataset, tmp_path, dp={"accountant": "linear-test", "noise_multiplier": 1.0, "target_epsilon": None}
+    )
+    run = TenSafeOrchestrator(config, plugin_manager=pm).prepare()
+    seeds = run.rl._seeds(run)  # type: ignore[union-attr]
+    assert seeds(3) != seeds(3), "under DP with secure_rng each draw is fresh CSPRNG output"
+
+
+class ExtraSequences(BigramBackend):
+    """Returns one sequence more per prompt than asked for."""
+
+    def sample(self, prompts: Any, sampling_params: Any, num_samples: int = 1) -> Any:
+        return super().sample(prompts, sampling_params, num_samples + 1)
+
+
+def test_a_backend_returning_more_than_group_size_sequences_is_refused(qa_dataset: Path) -> None:
+    backend = ExtraSequences()
+    backend.initialize_model(build_config({"backend": "bigram", "dp": {"enabled": False}}, environ={}))
+    records = [Record("item 1: colour?", " red")]
+    with pytest.raises(BackendError, match="returned 4 sequences for one prompt where 3 were asked for"):
+        collect_rollouts(backend, records, [0], ExactMatch(), SamplingParams(max_tokens=3), 3, lambda _: 1)

@@ -352,6 +352,8 @@ def load_config(path: str | Path | None = None, *, environ: Mapping[str, str] | 
     base = file.resolve().parent
     if config.data.path is not None and not config.data.path.is_absolute():
         config.data.path = base / config.data.path
+    if config.data.eval_path is not None and not config.data.eval_path.is_absolute():
+        config.data.eval_path = base / config.data.eval_path
     if "output_dir" in data and not config.output_dir.is_absolute():
         config.output_dir = base / config.output_dir
     if config.he is not None and config.he.key_owner_state is not None and not config.he.key_owner_state.is_absolute():
