@@ -142,7 +142,7 @@ def test_adding_one_record_moves_no_other_between_train_and_held_out(tmp_path: P
     rows = [json.dumps({"prompt": f"person {i}:", "completion": f" value {i * 7 % 13}"}) for i in range(1000)]
     path.write_text("\n".join(rows) + "\n")
     train, held = split_records(load_records(path), 0.125)
-    path.write_text("\n".join(rows[:500] + [json.dumps({"text": "one more record"})] + rows[500:]) + "\n")
+    path.write_text("\n".join([*rows[:500], json.dumps({"text": "one more record"}), *rows[500:]]) + "\n")
     train2, held2 = split_records(load_records(path), 0.125)
     key = [(r.prompt, r.completion) for r in train]
     key2 = [(r.prompt, r.completion) for r in train2 if r.completion != "one more record"]
