@@ -32,8 +32,23 @@ def test_default_run_learns_privately_and_reports(tmp_path: Path) -> None:
     assert privacy["accountant"] == "rdp" and privacy["epsilon"] <= report["config"]["dp"]["target_epsilon"]
     assert privacy["steps"] == report["steps"] == report["config"]["training"]["steps"]
     assert report["adapter_change"] > 0
+    assert report["samples"], "the embedded default ships public probe prompts"
     for sample in report["samples"]:
         assert sample["before"] != sample["after"]
+    # Nothing of a record leaves the run: no prompt or completion of the private dataset is shown or written.
+    dataset = Path(report["data"])
+    written = (
+        result.stdout + result.stderr + (run_dir / "report.json").read_text() + (run_dir / "report.txt").read_text()
+    )
+    records = [json.loads(line) for line in dataset.read_text().splitlines() if line.strip()]
+    leaked = [r["prompt"] for r in records if r["prompt"] in written]
+    assert not leaked, leaked[:3]
+    assert not any(sample["prompt"] in {r["prompt"] for r in records} for sample in report["samples"])
+    assert all(set(h) <= {"step", "epsilon", "held_out_loss"} for h in report["history"])
+    assert privacy["privacy_unit"] and privacy["protected_set"]["records"] == report["records"]["train"]
+    assert privacy["max_grad_norm"] == report["config"]["dp"]["max_grad_norm"]
+    assert len(report["held_out_records"]) == report["records"]["eval"]
+    assert privacy["randomness"].startswith("os-csprng") and not privacy["reproducible_noise"]
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     assert (run_dir / "checkpoint" / "progress.json").is_file()
     text = (run_dir / "report.txt").read_text()
