@@ -143,7 +143,8 @@ def tensafe_approve_step(run_id: str, step: int, batch_size: int) -> str | None:
 
     :param run_id: the run's unique identifier.
     :param step: the number the step will have once taken (the first is 1).
-    :param batch_size: the number of records sampled into the step's batch.
+    :param batch_size: the number of records in the step's batch; under DP the expected batch size
+        (``training.batch_size``), since a Poisson batch's realised size is private.
     :returns: ``None`` to approve, or a human-readable reason to veto.
 
     All implementations are called and their results collected; if any returns
@@ -158,7 +159,8 @@ def tensafe_report_step(run_id: str, step: int, metrics: dict[str, float]) -> No
 
     :param run_id: the run's unique identifier.
     :param step: the step just taken (the first is 1).
-    :param metrics: the step's metrics, e.g. ``loss`` and, with DP, ``epsilon``.
+    :param metrics: what the release gate releases of the step: without DP every metric (e.g.
+        ``loss``); under DP only ``epsilon`` (and ``epoch`` for RL steps).
     :returns: nothing; results are ignored.
 
     All implementations are called, after the step's results (and privacy

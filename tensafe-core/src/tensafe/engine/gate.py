@@ -82,7 +82,11 @@ class ReleaseGate:
 
     def outside_guarantee(self, data: RunData, *, evaluated: bool, measure: str, sample_source: str) -> list[str]:
         """Every release of a run that its certificate does not cover."""
-        items = []
+        items = [
+            f"the number of training records ({len(data.train)}): the sampling rate and the default delta "
+            "are computed from it, as DP-SGD accounting assumes it public",
+            "the run's wall-clock time (report.json 'seconds')",
+        ]
         if evaluated and data.held_out:
             what = "held-out reward" if measure == "held_out_reward" else "held-out loss"
             items.append(

@@ -46,7 +46,10 @@ class ProtectedSet(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     records: int = Field(ge=0, description="Training records the guarantee covers.")
-    digest: str = Field(description="sha256 over the training records' canonical JSON, in file order.")
+    digest: str = Field(
+        description="HMAC-SHA256 of the training records' canonical JSON, in file order, under a secret key "
+        "that stays with the data (protected-set.key in the run directory)."
+    )
     source: str | None = Field(None, description="The data file the records came from.")
 
 
@@ -54,8 +57,8 @@ class PrivacyCertificate(BaseModel):
     """What a DP-trained adapter's privacy guarantee is, and what lies outside it.
 
     Only ``accountant``, ``epsilon``, ``delta`` and ``steps`` are required, so
-    packages made by other tools validate; TenSafe always fills every field it
-    knows. Unknown fields are kept (a later version may add some).
+    packages made by other tools validate; runs and sessions fill the fields
+    that apply to them. Unknown fields are kept (a later version may add some).
     """
 
     model_config = ConfigDict(extra="allow", frozen=True)

@@ -234,7 +234,8 @@ def execute(
     run_dir.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"run_id": run.run_id, "status": "failed", "run_dir": str(run_dir)}
     prompts, sample_source = gate.release.sample_prompts(run.data) if evaluate else ([], "")
-    _certify(gate, run, run_dir, evaluated=evaluate, sample_source=sample_source if prompts else "")
+    evaluated = evaluate or bool(cfg.training.eval_every)
+    _certify(gate, run, run_dir, evaluated=evaluated, sample_source=sample_source if prompts else "")
     gate.pm.hook.tensafe_start_run(run_id=run.run_id, config=run.config)
     gate.audit("run.start", run.run_id, backend=cfg.backend, steps=cfg.training.steps, resumed_at=run.step)
     every = cfg.training.checkpoint_every
