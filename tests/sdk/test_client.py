@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest
 
+from tensafe import hookimpl
+from tensafe.engine.ledger import CALLER_DUTIES, PRIVACY_UNIT_SESSION, RANDOMNESS_SEEDED, SAMPLING_DECLARED
 from tensafe.errors import UsageError
 from tensafe.sdk import (
     InvalidRequest,
@@ -92,7 +94,7 @@ def test_errors_are_typed_alike_through_both_doors(door: str, live_server: LiveS
         with pytest.raises(InvalidRequest, match="sampling_rate"):
             client.create_training_session(bigram_config())
         with pytest.raises(UsageError, match="forward_backward first"):
-            client.create_training_session(bigram_config(), sampling_rate=0.1, dataset_size=50).optim_step().result(60)
+            client.create_training_session(bigram_config(enabled=False)).optim_step().result(60)
 
 
 def test_a_bad_key_raises_unauthorized(live_server: LiveServer) -> None:
@@ -135,3 +137,68 @@ def test_save_and_load_state_in_process() -> None:
         info = session.load_state(saved)
         assert info.step == 1 and info.privacy is not None and info.privacy.steps == 3
         assert session.sample(["record 2"])[0].sequences[0].text == text
+
+
+@pytest.mark.parametrize("door", ["local", "remote"])
+def test_an_empty_poisson_batch_is_a_noise_only_step_charged_like_any_other(door: str, live_server: LiveServer) -> None:
+    client = local_client() if door == "local" else remote_client(live_server)
+    with client:
+        session = client.create_training_session(bigram_config(), sampling_rate=0.01, dataset_size=400)
+        empty = session.optim_step().result(60)
+        assert empty.step == 1 and empty.metrics["batch_size"] == 0.0 and "loss" not in empty.metrics
+        with_data = client.create_training_session(bigram_config(), sampling_rate=0.01, dataset_size=400)
+        with_data.forward_backward(batch(1))
+        assert empty.metrics["epsilon"] == with_data.optim_step().result(60).metrics["epsilon"] > 0
+        session.forward_backward(batch(2))
+        after = session.optim_step().result(60)
+        spent = session.privacy_spent()
+        assert after.step == 2 and spent is not None and spent.steps == 2 and spent.epsilon == after.metrics["epsilon"]
+        assert after.metrics["epsilon"] > empty.metrics["epsilon"]
+
+
+@pytest.mark.parametrize("door", ["local", "remote"])
+def test_a_session_states_its_privacy_unit_sampling_randomness_and_the_callers_duties(
+    door: str, live_server: LiveServer
+) -> None:
+    client = local_client() if door == "local" else remote_client(live_server)
+    with client:
+        session = client.create_training_session(bigram_config(), sampling_rate=0.01, dataset_size=400)
+        session.forward_backward(batch(1))
+        session.optim_step().result(60)
+        spent = session.privacy_spent()
+    assert spent is not None
+    assert (spent.accountant, spent.steps, spent.sampling_rate, spent.max_grad_norm) == ("rdp", 1, 0.01, 1.0)
+    assert (spent.mode, spent.privacy_unit, spent.sampling) == ("session", PRIVACY_UNIT_SESSION, SAMPLING_DECLARED)
+    assert set(CALLER_DUTIES) < set(spent.caller_duties)
+    assert any("empty one included" in duty for duty in spent.caller_duties)
+    assert spent.outside_guarantee and all("returned only to the caller" in item for item in spent.outside_guarantee)
+    # bigram_config seeds the noise: the session must say so.
+    assert spent.randomness == RANDOMNESS_SEEDED and spent.reproducible_noise is True
+
+
+class _StepWatcher:
+    """What step hooks are shown."""
+
+    def __init__(self) -> None:
+        self.batch_sizes: list[int] = []
+        self.reported: list[dict[str, float]] = []
+
+    @hookimpl
+    def tensafe_approve_step(self, batch_size: int) -> None:
+        self.batch_sizes.append(batch_size)
+
+    @hookimpl
+    def tensafe_report_step(self, metrics: dict[str, float]) -> None:
+        self.reported.append(dict(metrics))
+
+
+def test_under_dp_step_hooks_see_the_expected_batch_size_and_no_batch_statistics() -> None:
+    watcher = _StepWatcher()
+    with TenSafeClient(plugin_manager=fresh_plugin_manager(plugins=[watcher], autoload=True)) as client:
+        session = client.create_training_session(bigram_config(), sampling_rate=0.01, dataset_size=400)
+        session.forward_backward(batch(1, size=2))
+        caller_sees = session.optim_step().result(60).metrics
+        session.optim_step().result(60)  # an empty batch
+    assert caller_sees["batch_size"] == 2.0 and "loss" in caller_sees
+    assert watcher.batch_sizes == [4, 4]  # training.batch_size, whatever the batch held
+    assert [sorted(m) for m in watcher.reported] == [["epsilon"], ["epsilon"]]

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from tensafe.config import RunConfig, TGSPConfig
+from tensafe.engine.ledger import CALLER_DUTIES, PRIVACY_UNIT_SESSION
 from tensafe.sdk import NotFound, TenSafeClient
 from tensafe.testing import fresh_plugin_manager
 from tensafe.types import SamplingParams
@@ -48,6 +49,8 @@ def test_an_exported_package_serves_the_trained_adapter(door: str, live_server: 
         assert exported.package_id == manifest.get("package_id") and exported.step == 2
         certificate = manifest["privacy_certificate"]
         assert "declared by the caller" in certificate["sampling"] and certificate["steps"] == 2
+        assert (certificate["mode"], certificate["privacy_unit"]) == ("session", PRIVACY_UNIT_SESSION)
+        assert set(CALLER_DUTIES) < set(certificate["caller_duties"]) and certificate["max_grad_norm"] == 1.0
         served = client.create_inference_session(config, adapter=exported)
         assert served.generate(["record 1"], GREEDY)[0].sequences[0].text == trained
         if door == "remote":

@@ -232,3 +232,35 @@ def test_health_readiness_and_openapi(api: Api) -> None:
     paths = api.http.get("/openapi.json").json()["paths"]
     assert f"{T}/{{session_id}}/forward_backward" in paths and "/api/v1/inference" in paths
     assert "/api/v1/audit/verify" in paths
+
+
+def test_an_empty_optim_step_is_a_charged_noise_step_under_dp_and_refused_without(api: Api) -> None:
+    h = api.headers("alice")
+    session_id = create_session(api)
+    opt = api.http.post(f"{T}/{session_id}/optim_step", json={}, headers=h).json()
+    done = api.http.get(f"/api/v1/futures/{opt['future_id']}?wait=20", headers=h).json()
+    assert done["status"] == "completed", done
+    assert done["result"]["step"] == 1 and done["result"]["metrics"]["batch_size"] == 0.0
+    info = api.http.get(f"{T}/{session_id}", headers=h).json()
+    assert info["step"] == 1 and info["privacy"]["steps"] == 1
+    assert info["privacy"]["epsilon"] == done["result"]["metrics"]["epsilon"] > 0
+
+    plain = create_session(api, enabled=False)
+    opt = api.http.post(f"{T}/{plain}/optim_step", json={}, headers=h).json()
+    done = api.http.get(f"/api/v1/futures/{opt['future_id']}?wait=20", headers=h).json()
+    assert done["status"] == "failed" and done["error"]["error"] == "invalid_request"
+    assert "forward_backward first" in done["error"]["message"]
+    assert api.http.get(f"{T}/{plain}", headers=h).json()["step"] == 0
+
+
+def test_a_session_reports_what_its_certificate_states(api: Api) -> None:
+    from tensafe.engine.ledger import CALLER_DUTIES, PRIVACY_UNIT_SESSION, RANDOMNESS_SEEDED
+
+    session_id = create_session(api)
+    step(api, session_id, 1)
+    privacy = api.http.get(f"{T}/{session_id}", headers=api.headers("alice")).json()["privacy"]
+    assert (privacy["accountant"], privacy["mode"], privacy["privacy_unit"]) == ("rdp", "session", PRIVACY_UNIT_SESSION)
+    assert (privacy["sampling_rate"], privacy["noise_multiplier"], privacy["max_grad_norm"]) == (0.01, 1.0, 1.0)
+    assert privacy["target_epsilon"] == 50.0 and "declared by the caller" in privacy["sampling"]
+    assert privacy["randomness"] == RANDOMNESS_SEEDED and privacy["reproducible_noise"] is True
+    assert set(CALLER_DUTIES) < set(privacy["caller_duties"]) and privacy["outside_guarantee"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -9,10 +10,11 @@ import pytest
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
-from tensafe.server.db import AuditRow, Tenant
+from tensafe.server.audit import digest
+from tensafe.server.db import ArtifactRow, AuditRow, SessionRow, Tenant
 from tests.server.conftest import Api
 from tests.server.test_api import T, create_session, step
-from tests.serving import cli
+from tests.serving import batch, cli
 
 
 def chain(api: Api, tenant: str = "alice") -> list[dict[str, object]]:
@@ -123,3 +125,51 @@ def test_the_chain_cannot_be_rehashed_without_the_master_key(api: Api) -> None:
         assert tenant is not None
         tenant.audit_head = row.hash
     assert api.http.get("/api/v1/audit/verify", headers=api.headers("alice")).json()["ok"] is False
+
+
+def _stored_keys(api: Api, session_id: str) -> set[str]:
+    """Every key of the session metadata the database holds (its state and saved states)."""
+    with api.service.db() as db:
+        session = db.get(SessionRow, session_id)
+        assert session is not None
+        artifacts = db.execute(select(ArtifactRow.meta).where(ArtifactRow.tenant_id == session.tenant_id)).scalars()
+        stored = [json.loads(text) for text in (session.meta, *artifacts)]
+    keys: set[str] = set()
+
+    def collect(value: object) -> None:
+        if isinstance(value, dict):
+            keys.update(value)
+            value = list(value.values())
+        if isinstance(value, list):
+            for item in value:
+                collect(item)
+
+    collect(stored)
+    return keys
+
+
+def test_under_dp_the_chain_and_session_records_hold_no_batch_statistics(api: Api) -> None:
+    session_id = create_session(api)
+    h = api.headers("alice")
+    data = [d.model_dump() for d in batch(1)]
+    for n in (1, 2):
+        done = step(api, session_id, n)
+        assert "loss" in done["result"]["metrics"]  # the caller gets its own batch's statistics back
+    api.http.post(f"{T}/{session_id}/save_state", json={}, headers=h)
+    records = chain(api)
+    steps = [r for r in records if r["operation"] == "optim_step"]
+    assert [r["result_hash"] for r in steps] == [digest({"step": 1}), digest({"step": 2})]
+    assert all(r["epsilon"] and r["epsilon"] > 0 for r in steps)
+    passes = [r for r in records if r["operation"] == "forward_backward"]
+    assert all(r["result_hash"] == digest({}) for r in passes)
+    plain = {"data": data, "loss_fn": "cross_entropy", "loss_fn_config": None}
+    assert passes[0]["request_hash"] != digest(plain) and passes[0]["request_hash"] != passes[1]["request_hash"]
+    stored = _stored_keys(api, session_id)
+    assert not stored & {"loss", "loss:sum", "batch_size", "metrics", "logprobs"} and "epsilon" in stored
+
+
+def test_without_dp_the_chain_covers_each_result_as_returned(api: Api) -> None:
+    session_id = create_session(api, enabled=False)
+    done = step(api, session_id, 1)
+    optim = next(r for r in chain(api) if r["operation"] == "optim_step")
+    assert optim["result_hash"] == digest(done["result"]) and optim["epsilon"] is None

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from tensafe.config import RunConfig
+from tensafe.engine.ledger import PrivacyCertificate
 from tensafe.types import AdamParams, Datum, LossFnType, SampleResponse, SamplingParams
 
 #: Most data in one forward_backward request, prompts in one sample request, samples per prompt.
@@ -86,7 +87,8 @@ class LoadStateRequest(_Body):
 
 
 class PrivacySpent(_Body):
-    """What a session has spent, and what that number assumes."""
+    """What a session has spent, and what that number assumes: the fields of its privacy certificate
+    (:class:`tensafe.engine.ledger.PrivacyCertificate`) that a caller needs."""
 
     epsilon: float
     delta: float
@@ -94,8 +96,25 @@ class PrivacySpent(_Body):
     target_epsilon: float | None
     sampling_rate: float
     noise_multiplier: float
-    sampling: str = Field(description="How the batches were sampled: by the orchestrator, or declared by the caller.")
-    randomness: str
+    sampling: str = Field(description="How the batches were sampled: by the engine, or declared by the caller.")
+    randomness: str = Field(description="Where the noise came from; says 'NOT private' when it was seeded.")
+    accountant: str | None = Field(None, description="Registered accountant that computed epsilon.")
+    max_grad_norm: float | None = Field(None, description="Per-record clipping norm C.")
+    reproducible_noise: bool | None = Field(None, description="True when the noise was seeded (no guarantee).")
+    mode: Literal["sft", "rlvr", "session"] | None = Field(None, description="Supervised run, RL run or session.")
+    privacy_unit: str | None = Field(None, description="What one neighbouring record is.")
+    neighbouring_relation: str | None = Field(None, description="What neighbouring datasets differ by.")
+    caller_duties: list[str] = Field(
+        default_factory=list, description="What the caller must have done for epsilon to hold."
+    )
+    outside_guarantee: list[str] = Field(
+        default_factory=list, description="What the session releases that the guarantee does not cover."
+    )
+
+    @classmethod
+    def from_certificate(cls, certificate: PrivacyCertificate) -> PrivacySpent:
+        """The caller's view of a certificate (which must state q and sigma, as a session's does)."""
+        return cls.model_validate(certificate.model_dump(include=set(cls.model_fields)))
 
 
 class SessionInfo(_Body):

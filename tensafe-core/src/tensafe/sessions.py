@@ -2,26 +2,35 @@
 
 The SDK (in-process) and the HTTP server drive sessions through these classes,
 which go through the orchestrator's own step admission (veto hooks, privacy
-budget) and step recording (accountant, report, audit, budget warning), so the
-three doors behave alike. A session's whole state, backend and privacy spend
-together, round-trips through :meth:`TrainingSessionCore.snapshot` /
-:meth:`TrainingSessionCore.restore`.
+budget) and step recording (accountant, release gate, report, audit, budget
+warning), so the three doors behave alike. A session's whole state, backend
+and privacy spend together, round-trips through
+:meth:`TrainingSessionCore.snapshot` / :meth:`TrainingSessionCore.restore`.
+
+The caller supplies the batches, so a session's privacy certificate states
+what the caller must have done for epsilon to hold (``caller_duties``): draw
+each batch by Poisson sampling at the declared rate and take an optimizer step
+for every batch drawn, an empty one included. Under DP an ``optim_step`` with
+nothing accumulated is such a step: the backend applies the noise alone, and
+the step is admitted and charged like any other.
 """
 
 from __future__ import annotations
 
-import math
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tensafe.api import PrivacySpent, TrainingSessionCreate
+from tensafe.data import weight_total
+from tensafe.engine.ledger import CALLER_DUTIES, PRIVACY_UNIT_SESSION
 from tensafe.errors import UsageError
-from tensafe.orchestrator import PrivacyLedger, TenSafeOrchestrator, _weight_total
+from tensafe.orchestrator import TenSafeOrchestrator
 
 if TYPE_CHECKING:
     from tensafe.config import RunConfig
+    from tensafe.engine.ledger import PrivacyLedger
     from tensafe.interfaces import MLBackend
     from tensafe.plugins import TensafePluginManager
     from tensafe.types import (
@@ -35,14 +44,23 @@ if TYPE_CHECKING:
     )
 
 SNAPSHOT_FORMAT = "tensafe-session-1"
+#: What a session's caller must do for its epsilon to hold.
+SESSION_DUTIES = (
+    *CALLER_DUTIES,
+    "call optim_step once for every batch drawn, an empty one included (the step is then noise only)",
+)
+#: What a session hands its caller that the guarantee does not cover.
+SESSION_OUTSIDE_GUARANTEE = (
+    "forward_backward and forward results (per-datum logprobs, loss sums) and optim_step's batch_size and loss: "
+    "computed from the caller's batches without noise, returned only to the caller",
+)
 
 
 def privacy_spent(ledger: PrivacyLedger | None) -> PrivacySpent | None:
-    """The typed view of a ledger's certificate."""
+    """The caller's view of a ledger's certificate."""
     if ledger is None:
         return None
-    cert = ledger.certificate()
-    return PrivacySpent(**{k: cert[k] for k in PrivacySpent.model_fields})
+    return PrivacySpent.from_certificate(ledger.certificate())
 
 
 class TrainingSessionCore:
@@ -62,6 +80,13 @@ class TrainingSessionCore:
         self.orchestrator = TenSafeOrchestrator(config.model_copy(deep=True), plugin_manager=plugin_manager)
         self.backend: MLBackend = self.orchestrator.training_backend()
         self.privacy = self.orchestrator.calibrated_privacy(spec.dataset_size, spec.sampling_rate)
+        if self.privacy is not None:
+            self.privacy.statement = {
+                "mode": "session",
+                "privacy_unit": PRIVACY_UNIT_SESSION,
+                "caller_duties": list(SESSION_DUTIES),
+                "outside_guarantee": list(SESSION_OUTSIDE_GUARANTEE),
+            }
         self.backend.initialize_model(self.config)
         self.step = 0
         #: Data whose gradients are accumulated for the next optimizer step.
@@ -82,7 +107,7 @@ class TrainingSessionCore:
         out = self.backend.forward_backward(list(data), loss_fn, loss_fn_config)
         self.accumulated += len(data)
         self.loss_sum += out.metrics.get("loss:sum", 0.0)
-        self.tokens += _weight_total(data)
+        self.tokens += weight_total(data)
         return out
 
     def forward(
@@ -94,19 +119,31 @@ class TrainingSessionCore:
         return self.backend.forward(list(data), loss_fn, loss_fn_config)
 
     def optim_step(self, adam_params: AdamParams | None = None) -> OptimStepResponse:
-        """One optimizer step on the accumulated gradients, admitted and charged like a CLI step."""
-        if self.accumulated == 0:
-            raise UsageError("optim_step with no accumulated gradients: call forward_backward first")
-        self.orchestrator.admit_step(self.session_id, self.step + 1, self.accumulated, self.privacy)
+        """One optimizer step on the accumulated gradients, admitted and charged like a CLI step.
+
+        Under DP a step with nothing accumulated (an empty Poisson batch) is a
+        real step: the noise alone. Without DP it has nothing to apply and is refused.
+        """
+        if self.accumulated == 0 and self.privacy is None:
+            raise UsageError(
+                "optim_step with no accumulated gradients: call forward_backward first "
+                "(without DP an empty step has nothing to apply)"
+            )
+        # Under DP the hooks see the expected batch size: a Poisson batch's own size is private.
+        shown = self.orchestrator.gate.release.batch_size(self.accumulated, self.config.training.batch_size)
+        self.orchestrator.admit_step(self.session_id, self.step + 1, shown, self.privacy)
         result = self.backend.optim_step(adam_params or self.config.optimizer)
         self.step = result.step
-        metrics: dict[str, float] = {
-            "batch_size": float(self.accumulated),
-            "loss": self.loss_sum / self.tokens if self.tokens else math.nan,
-        }
+        # The caller's own batch statistics go back to the caller; hooks and the
+        # audit log get only what the release gate lets through (record_step).
+        metrics: dict[str, float] = {"batch_size": float(self.accumulated)}
+        if self.tokens:
+            metrics["loss"] = self.loss_sum / self.tokens
         metrics.update({k: v for k, v in result.metrics.items() if k not in metrics})
         self.accumulated, self.loss_sum, self.tokens = 0, 0.0, 0.0
-        self.orchestrator.record_step(self.session_id, self.step, metrics, self.privacy)
+        self.orchestrator.record_step(self.session_id, self.step, dict(metrics), self.privacy)
+        if self.privacy is not None:
+            metrics["epsilon"] = self.privacy.epsilon()
         return result.model_copy(update={"metrics": metrics})
 
     def sample(

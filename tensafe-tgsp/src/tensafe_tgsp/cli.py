@@ -12,7 +12,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -20,6 +20,9 @@ from tensafe_tgsp import format as tgsp_format
 from tensafe_tgsp import keys
 from tensafe_tgsp._canonical import load_json
 from tensafe_tgsp.errors import KeyFileError, PackError
+
+if TYPE_CHECKING:
+    from tensafe.engine.ledger import PrivacyCertificate
 
 #: The base model recorded for runs on the ML backend's embedded default model.
 EMBEDDED_BASE_MODEL = "tensafe-embedded-tiny-llama"
@@ -72,6 +75,95 @@ def _emit(as_json: bool, data: Any, text: str) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True) if as_json else text)
 
 
+NOT_STATED = "not stated"
+#: Certificate fields the summary describes, in the order it shows them.
+STATED_FIELDS = (
+    "target_epsilon",
+    "mode",
+    "privacy_unit",
+    "sampling",
+    "randomness",
+    "protected_set",
+    "caller_duties",
+    "outside_guarantee",
+)
+NOT_PRIVATE = "reproducible noise: NOT private (whoever knows the seed can remove the noise; no DP guarantee)"
+
+
+def _seeded(certificate: PrivacyCertificate) -> bool:
+    """Whether the certificate says, in either of its two ways, that the noise was seeded."""
+    randomness = (certificate.randomness or "").lower()
+    return certificate.reproducible_noise is True or randomness.startswith("seeded") or "not private" in randomness
+
+
+def privacy_statement(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """What a package's certificate states about its guarantee; None for a package without one.
+
+    Every field of :data:`STATED_FIELDS` the certificate leaves out (an older
+    tool made it) is null and named in ``not_stated``; ``warnings`` holds the
+    reproducible-noise warning when the noise was seeded.
+    """
+    raw = manifest.get("privacy_certificate")
+    if raw is None:
+        return None
+    certificate = tgsp_format.parse_certificate(raw)
+    stated = certificate.to_json()
+    statement: dict[str, Any] = {
+        name: stated[name] if name in certificate.model_fields_set else None for name in STATED_FIELDS
+    }
+    statement["not_stated"] = [name for name in STATED_FIELDS if statement[name] is None]
+    statement["reproducible_noise"] = _seeded(certificate)
+    statement["warnings"] = [NOT_PRIVATE] if statement["reproducible_noise"] else []
+    return statement
+
+
+def _listed(label: str, items: list[str] | None) -> list[str]:
+    if items is None:
+        return [f"  {label:<18} {NOT_STATED}"]
+    if not items:
+        return [f"  {label:<18} none"]
+    return [f"  {label}:"] + [f"    - {tgsp_format.one_line(item)}" for item in items]
+
+
+def _privacy_lines(manifest: dict[str, Any]) -> list[str]:
+    statement = privacy_statement(manifest)
+    if statement is None:
+        return ["privacy      NONE: no privacy certificate (not trained with differential privacy)"]
+    cert = manifest["privacy_certificate"]
+    parts = [f"epsilon {cert['epsilon']:.4g} at delta {cert['delta']:.3g}", f"{cert['accountant']} accountant"]
+    parts.append(f"{cert['steps']} steps")
+    for key, label in (("sampling_rate", "q"), ("noise_multiplier", "sigma"), ("max_grad_norm", "C")):
+        if isinstance(cert.get(key), (int, float)):
+            parts.append(f"{label}={cert[key]:.4g}")
+    lines = ["privacy      " + ", ".join(parts)]
+    lines.extend(f"  WARNING: {warning}" for warning in statement["warnings"])
+
+    def line(label: str, value: Any) -> None:
+        lines.append(f"  {label:<18} {NOT_STATED if value is None else tgsp_format.one_line(str(value))}")
+
+    target = statement["target_epsilon"]
+    line("target epsilon", None if target is None else f"{target:.4g}")
+    line("mode", statement["mode"])
+    line("privacy unit", statement["privacy_unit"])
+    line("sampling", statement["sampling"])
+    line("randomness", statement["randomness"])
+    protected = statement["protected_set"]
+    if protected is not None:
+        source = f" from {protected['source']}" if protected.get("source") else ""
+        protected = f"{protected['records']} records{source}, sha256 {protected['digest'][:16]}..."
+    line("protected set", protected)
+    lines.extend(_listed("caller duties", statement["caller_duties"]))
+    lines.extend(_listed("outside guarantee", statement["outside_guarantee"]))
+    if cert.get("audit_chain_head"):
+        lines.append(f"audit chain  {cert['audit_chain_head']}")
+    return lines
+
+
+def _shown(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest as ``--json`` prints it: the signed fields, plus what its certificate states."""
+    return {**manifest, "privacy_statement": privacy_statement(manifest)}
+
+
 def summary(manifest: dict[str, Any]) -> str:
     """A readable description of a manifest."""
     base = manifest["base_model"]
@@ -87,18 +179,7 @@ def summary(manifest: dict[str, Any]) -> str:
     ]
     for entry in manifest["files"]:
         lines.append(f"  {entry['size']:>12}  {entry['sha256'][:16]}  {entry['path']}")
-    cert = manifest.get("privacy_certificate")
-    if cert:
-        parts = [f"epsilon {cert['epsilon']:.4g} at delta {cert['delta']:.3g}", f"{cert['accountant']} accountant"]
-        parts.append(f"{cert['steps']} steps")
-        for key, label in (("sampling_rate", "q"), ("noise_multiplier", "sigma"), ("max_grad_norm", "C")):
-            if isinstance(cert.get(key), (int, float)):
-                parts.append(f"{label}={cert[key]:.4g}")
-        lines.append("privacy      " + ", ".join(parts))
-        if cert.get("audit_chain_head"):
-            lines.append(f"audit chain  {cert['audit_chain_head']}")
-    else:
-        lines.append("privacy      NONE: no privacy certificate (not trained with differential privacy)")
+    lines.extend(_privacy_lines(manifest))
     policy = manifest.get("policy")
     if policy:
         if policy.get("allowed_base_models"):
@@ -189,7 +270,7 @@ def _pack_inputs(source: Path) -> tuple[Path, dict[str, Any] | None, dict[str, A
 @click.option("--not-after", help="Policy: last day (YYYY-MM-DD) or instant (ISO 8601 with zone) of validity.")
 @click.option("--passphrase-env", metavar="VAR", help="Environment variable holding the signing key's passphrase.")
 @click.option("--force", is_flag=True, help="Replace an existing output file.")
-@click.option("--json", "as_json", is_flag=True, help="Print the signed manifest as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the signed manifest and its privacy statement as JSON.")
 def pack_cmd(
     source_dir: Path,
     output: Path,
@@ -235,33 +316,33 @@ def pack_cmd(
     )
     if cert is None:
         click.echo("warning: the package carries no privacy certificate", err=True)
-    _emit(as_json, manifest, f"wrote {output}\n" + summary(manifest))
+    _emit(as_json, _shown(manifest), f"wrote {output}\n" + summary(manifest))
 
 
 @tgsp.command("verify")
 @click.argument("package", type=PATH_IN)
 @click.option("--trusted", "trusted", multiple=True, required=True, type=PATH_IN, help="A trusted NAME.sign.pub.")
 @click.option("--base-model", help="Also check that the policy allows this base model.")
-@click.option("--json", "as_json", is_flag=True, help="Print the verified manifest as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the verified manifest and its privacy statement as JSON.")
 def verify_cmd(package: Path, trusted: tuple[Path, ...], base_model: str | None, as_json: bool) -> None:
     """Check both signatures, the signer's trust, the manifest and the policy, without decrypting."""
     manifest = tgsp_format.verify(package, list(trusted), base_model=base_model)
     _emit(
         as_json,
-        manifest,
+        _shown(manifest),
         f"OK: {package} is signed by trusted key {manifest['producer']['fingerprint']}\n" + summary(manifest),
     )
 
 
 @tgsp.command("inspect")
 @click.argument("package", type=PATH_IN)
-@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest and its privacy statement as JSON.")
 def inspect_cmd(package: Path, as_json: bool) -> None:
     """Show a package's manifest and privacy certificate WITHOUT verifying it (use `verify` to trust it)."""
     manifest = tgsp_format.inspect(package)
     _emit(
         as_json,
-        manifest,
+        _shown(manifest),
         "UNVERIFIED: inspect checks no signature; run `tensafe tgsp verify` before trusting any of this.\n"
         + summary(manifest),
     )
@@ -274,7 +355,7 @@ def inspect_cmd(package: Path, as_json: bool) -> None:
 @click.option("--out", "destination", required=True, type=click.Path(path_type=Path), help="New or empty directory.")
 @click.option("--passphrase-env", metavar="VAR", help="Environment variable holding the recipient key's passphrase.")
 @click.option("--base-model", help="Also check that the policy allows this base model.")
-@click.option("--json", "as_json", is_flag=True, help="Print the verified manifest as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the verified manifest and its privacy statement as JSON.")
 def unpack_cmd(
     package: Path,
     recipient_key: Path,
@@ -289,4 +370,6 @@ def unpack_cmd(
     manifest = tgsp_format.unpack(
         package, recipient_key=key, trusted_signers=list(trusted), destination=destination, base_model=base_model
     )
-    _emit(as_json, manifest, f"unpacked {len(manifest['files'])} files into {destination}\n" + summary(manifest))
+    _emit(
+        as_json, _shown(manifest), f"unpacked {len(manifest['files'])} files into {destination}\n" + summary(manifest)
+    )

@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import hashlib
-import math
 import os
 import re
 import shutil
@@ -50,7 +49,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from pydantic import ValidationError
 
+from tensafe.engine.ledger import PrivacyCertificate
 from tensafe_tgsp._boundary import boundary
 from tensafe_tgsp._canonical import canonical_json, load_json
 from tensafe_tgsp.errors import (
@@ -141,7 +142,8 @@ MANIFEST_KEYS = frozenset(
         "encrypted_adapter",
     }
 )
-CERTIFICATE_REQUIRED = ("accountant", "epsilon", "delta", "steps")
+#: Problems a refused certificate's error names, at most.
+MAX_CERTIFICATE_PROBLEMS = 5
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEX_PREFIX = re.compile(r"[0-9a-f]{16}")
@@ -221,10 +223,6 @@ def chunk_count(payload_size: int) -> int:
 # -- manifest -------------------------------------------------------------------
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -245,28 +243,49 @@ def _text(value: Any, where: str, error: type[TGSPError], *, optional: bool = Fa
         raise error(f"manifest: {where} must be a non-empty string of at most {limit} characters")
 
 
-def validate_certificate(certificate: Any, *, error: type[TGSPError] = MalformedPackage) -> dict[str, Any]:
-    """Check a privacy certificate: any JSON object holding at least accountant, epsilon, delta and steps."""
+def one_line(text: str) -> str:
+    """``text`` with every unprintable character escaped: package content must not steer a terminal."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+def _field(loc: tuple[int | str, ...]) -> str:
+    """Where a certificate problem is, on one line whatever names the certificate uses."""
+    return ".".join(one_line(str(part)[:64]) for part in loc) or "the certificate"
+
+
+def parse_certificate(certificate: Any, *, error: type[TGSPError] = MalformedPackage) -> PrivacyCertificate:
+    """A privacy certificate as the typed :class:`~tensafe.engine.ledger.PrivacyCertificate`.
+
+    Any JSON object with at least accountant, epsilon, delta and steps, every
+    field it states of the right type and range; fields the model does not
+    know are kept. Anything else raises ``error`` naming the fields at fault.
+    """
     if not isinstance(certificate, dict):
         raise error("privacy certificate must be a JSON object")
-    missing = [key for key in CERTIFICATE_REQUIRED if key not in certificate]
-    if missing:
-        raise error(f"privacy certificate lacks {missing}")
-    _text(certificate["accountant"], "privacy_certificate.accountant", error)
-    if not _is_number(certificate["epsilon"]) or certificate["epsilon"] < 0:
-        raise error("privacy certificate: epsilon must be a finite number >= 0")
-    if not _is_number(certificate["delta"]) or not 0 <= certificate["delta"] <= 1:
-        raise error("privacy certificate: delta must be a number in [0, 1]")
-    if not _is_int(certificate["steps"]) or certificate["steps"] < 0:
-        raise error("privacy certificate: steps must be an integer >= 0")
-    for key, low, high in (("sampling_rate", 0, 1), ("noise_multiplier", 0, math.inf), ("max_grad_norm", 0, math.inf)):
-        value = certificate.get(key)
-        if value is not None and (not _is_number(value) or not low <= value <= high):
-            raise error(f"privacy certificate: {key} must be a number in [{low}, {high}]")
-    head = certificate.get("audit_chain_head")
-    if head is not None and not isinstance(head, str):
-        raise error("privacy certificate: audit_chain_head must be a string")
-    return certificate
+    # Canonical JSON first: it refuses NaN, non-JSON values and deep nesting with
+    # a TGSP error, and strict JSON validation then refuses true as a step count.
+    try:
+        data = canonical_json(certificate, error=error, what="privacy certificate")
+    except TGSPError as exc:
+        raise error(one_line(str(exc))) from None
+    try:
+        return PrivacyCertificate.model_validate_json(data, strict=True)
+    except ValidationError as exc:
+        problems = [
+            f"{_field(problem['loc'])}: {problem['msg']}"
+            for problem in exc.errors(include_url=False, include_input=False)[:MAX_CERTIFICATE_PROBLEMS]
+        ]
+        more = exc.error_count() - len(problems)
+        raise error(
+            "privacy certificate: " + "; ".join(problems) + (f" (and {more} more)" if more > 0 else "")
+        ) from None
+
+
+def validate_certificate(certificate: Any, *, error: type[TGSPError] = MalformedPackage) -> dict[str, Any]:
+    """Check a privacy certificate (see :func:`parse_certificate`); returns it unchanged."""
+    parse_certificate(certificate, error=error)
+    checked: dict[str, Any] = certificate
+    return checked
 
 
 def _parse_not_after(value: str) -> dt.datetime:

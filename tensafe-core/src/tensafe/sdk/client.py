@@ -73,8 +73,11 @@ class TrainingSession:
     def optim_step(self, adam_params: AdamParams | None = None) -> APIFuture[OptimStepResponse]:
         """Apply the gradients; the result's metrics carry the epsilon spent so far.
 
-        Fails with :class:`PrivacyBudgetExceeded` (and changes nothing) if the step
-        would take the session past its budget.
+        Under DP, call it for every batch you draw, an empty Poisson batch
+        included: with nothing accumulated the step applies the noise alone and
+        is charged like any other (the accountant assumes it happens). Without
+        DP an empty step is refused. Fails with :class:`PrivacyBudgetExceeded`
+        (and changes nothing) if the step would take the session past its budget.
         """
         request = OptimStepRequest(adam_params=adam_params)
         return _Typed(self._door.submit(self.session_id, request), OptimStepResponse.model_validate)
@@ -98,7 +101,8 @@ class TrainingSession:
         return self._door.info(self.session_id)
 
     def privacy_spent(self) -> PrivacySpent | None:
-        """Epsilon, delta and what they assume; None for a session without DP."""
+        """Epsilon, delta and what they assume (sampling, randomness, privacy unit, your duties);
+        None for a session without DP."""
         return self.info().privacy
 
     def export_tgsp(self, path: str | Path) -> ExportedPackage:

@@ -6,10 +6,17 @@ own worker thread. An optimizer step's result, the session state it produced
 transaction before the step's future reports completion, so a client is never
 told of a step or an epsilon that a crash could undo. After a restart, queued
 or running operations are reported failed and retryable.
+
+Under DP, what the server keeps about a step beyond the result it owes the
+caller (session metadata, the audit chain) holds no statistic of the caller's
+batch: the audit record of a step covers its step number and epsilon, and the
+batch itself only through a digest keyed with the audit key.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import tempfile
 import threading
@@ -57,6 +64,27 @@ MAX_PENDING = 256
 
 def _new_id() -> str:
     return uuid.uuid4().hex
+
+
+def _audited(
+    core: TrainingSessionCore, request: ForwardBackwardRequest | OptimStepRequest, result: dict[str, Any], key: bytes
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The request and result a queued operation's audit record covers.
+
+    Without DP, the operation as it ran. Under DP no loss, logprob or batch
+    size: a step's result is its step number (epsilon has its own field), and
+    the caller's batch appears only as an HMAC under the audit key: the key
+    holder can tell whether a given batch is the one recorded, nobody else can.
+    """
+    if core.privacy is None:
+        return request.model_dump(mode="json"), result
+    if isinstance(request, OptimStepRequest):
+        return request.model_dump(mode="json"), {"step": core.step}
+    canonical = json.dumps(
+        [d.model_dump(mode="json") for d in request.data], sort_keys=True, separators=(",", ":")
+    ).encode()
+    keyed = hmac.new(key, b"tensafe audit: batch\x00" + canonical, hashlib.sha256).hexdigest()
+    return {"data_hmac": keyed, "loss_fn": request.loss_fn, "loss_fn_config": request.loss_fn_config}, {}
 
 
 def _error(exc: BaseException) -> ErrorInfo:
@@ -356,14 +384,15 @@ class SessionService:
                     .where(FutureRow.id == future_id)
                     .values(status="completed", result=json.dumps(result), after_step=before)
                 )
+                audited_request, audited_result = _audited(core, request, result, self.keyring.audit_key)
                 audit.append(
                     db,
                     self.keyring.audit_key,
                     live.tenant_id,
                     operation,
                     session_id,
-                    request.model_dump(mode="json"),
-                    result,
+                    audited_request,
+                    audited_result,
                     core.epsilon(),
                 )
             if replaced is not None:
