@@ -4,57 +4,27 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 
 from tensafe import capabilities
-from tensafe.config import DPConfig, RunConfig
 from tensafe.errors import TensafeError
 from tensafe.interfaces import MLBackend
-from tensafe.testing.support import fresh_plugin_manager, requires_capability, skip_unless_capable
-from tensafe.types import AdamParams, Datum, SamplingParams, datum_from_sequence
+from tensafe.testing.dp_sgd import DPSGDConformance
+from tensafe.testing.ml_backend_harness import TEXT
+from tensafe.testing.support import requires_capability
+from tensafe.types import Datum, SamplingParams
 
-TEXT = "the quick brown fox jumps over the lazy dog"
+__all__ = ["TEXT", "MLBackendConformance"]
 
 
-class MLBackendConformance:
-    """Subclass with ``backend_name = "..."`` to test a registered ML backend."""
+class MLBackendConformance(DPSGDConformance):
+    """Subclass with ``backend_name = "..."`` to test a registered ML backend.
 
-    backend_name: ClassVar[str]
-
-    # -- overridable settings ---------------------------------------------------
-
-    def run_config(self, **dp: Any) -> RunConfig:
-        """The config backends are initialised with; ``dp`` fields enable DP-SGD."""
-        dp_config = DPConfig(**dp) if dp else DPConfig(enabled=False)
-        return RunConfig(backend=self.backend_name, dp=dp_config)
-
-    def adam_params(self) -> AdamParams:
-        """Optimizer settings under which a few steps visibly reduce the loss."""
-        return AdamParams(learning_rate=0.05)
-
-    # -- fixtures ---------------------------------------------------------------
-
-    def make_backend(self, **dp: Any) -> MLBackend:
-        backend: MLBackend = fresh_plugin_manager(autoload=True).registry.ml_backend(self.backend_name)
-        backend.initialize_model(self.run_config(**dp))
-        return backend
-
-    @pytest.fixture
-    def backend(self, request: pytest.FixtureRequest) -> MLBackend:
-        backend = self.make_backend()
-        skip_unless_capable(request, backend)
-        return backend
-
-    def datum(self, backend: MLBackend, text: str = TEXT, prompt: str = "") -> Datum:
-        prompt_tokens = backend.encode(prompt) if prompt else []
-        return datum_from_sequence(prompt_tokens + backend.encode(text), prompt_length=len(prompt_tokens))
-
-    def step(self, backend: MLBackend, data: list[Datum]) -> float:
-        loss = backend.forward_backward(data, "cross_entropy").metrics["loss:sum"]
-        backend.optim_step(self.adam_params())
-        return loss
+    The DP-SGD checks of :class:`~tensafe.testing.DPSGDConformance` are included;
+    they run for backends that declare ``dp_sgd``.
+    """
 
     # -- the contract -------------------------------------------------------------
 
@@ -166,16 +136,6 @@ class MLBackendConformance:
     def test_unknown_loss_is_an_error(self, backend: MLBackend) -> None:
         with pytest.raises(TensafeError):
             backend.forward_backward([self.datum(backend)], "no_such_loss")  # type: ignore[arg-type]
-
-    @requires_capability(capabilities.DP_SGD)
-    def test_dp_step_without_data_still_adds_noise(self, backend: MLBackend) -> None:
-        # A Poisson-sampled batch can be empty; DP-SGD must still add its noise.
-        private = self.make_backend(noise_multiplier=1.0, max_grad_norm=1.0, target_epsilon=None)
-        data = [self.datum(private)]
-        before = private.forward(data, "cross_entropy").metrics["loss:sum"]
-        private.optim_step(self.adam_params())
-        after = private.forward(data, "cross_entropy").metrics["loss:sum"]
-        assert after != before
 
     @requires_capability(capabilities.LORA_DELTA)
     def test_lora_delta_reproduces_the_adapter(self, backend: MLBackend, tmp_path: Path) -> None:

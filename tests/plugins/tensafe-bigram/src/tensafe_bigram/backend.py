@@ -14,6 +14,13 @@ is DP-SGD: every datum's gradient is clipped to ``dp.max_grad_norm``, the
 clipped gradients are summed, Gaussian noise of standard deviation
 ``noise_multiplier * max_grad_norm`` is added to every parameter and the result
 is divided by the expected batch size ``training.batch_size``.
+
+The noise comes from the operating system's CSPRNG (``random.SystemRandom``)
+under ``dp.secure_rng``; otherwise, for reproducible research runs, from a
+generator seeded by ``(training.seed, step)``. Either way no generator state is
+saved: a saved state cannot regenerate any noise, and a run resumed under
+``secure_rng`` draws fresh noise. ``noised_gradient`` returns the gradient the
+last DP step applied (capability ``dp_probe``) for the conformance suite.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from tensafe import capabilities
-from tensafe.config import RunConfig
+from tensafe.config import DPConfig, RunConfig
 from tensafe.errors import BackendError
 from tensafe.interfaces import MLBackend
 from tensafe.types import (
@@ -128,7 +135,7 @@ class BigramBackend(MLBackend):
     """A trainable byte-level bigram language model (pure Python, standard library only)."""
 
     capabilities: ClassVar[frozenset[str]] = frozenset(
-        {capabilities.DP_SGD, capabilities.SEEDED_SAMPLING, capabilities.POLICY_LOSSES}
+        {capabilities.DP_SGD, capabilities.DP_PROBE, capabilities.SEEDED_SAMPLING, capabilities.POLICY_LOSSES}
     )
 
     def __init__(self) -> None:
@@ -139,6 +146,7 @@ class BigramBackend(MLBackend):
         self._step = 0
         self._adam_steps = 0
         self._pending: list[SparseGrad] = []
+        self._noised: array[float] | None = None
         self._noise_rng = random.Random()
         self._sample_rng = random.Random()
 
@@ -159,8 +167,9 @@ class BigramBackend(MLBackend):
         self._step = 0
         self._adam_steps = 0
         self._pending = []
+        self._noised = None
         seed = config.training.seed
-        self._noise_rng = random.Random(seed) if seed is not None else random.Random()
+        self._noise_rng = random.Random()  # used only without secure_rng and without a seed
         self._sample_rng = random.Random(f"{seed}:sampling") if seed is not None else random.Random()
         return ModelInfo(
             model_name=MODEL_NAME,
@@ -288,10 +297,14 @@ class BigramBackend(MLBackend):
 
     def _dp_gradient(self, config: RunConfig) -> array[float]:
         """Sum of per-datum gradients clipped to C, plus N(0, (sigma C)^2) noise, over the expected batch size."""
-        dp = config.dp
-        if dp.noise_multiplier is None:
-            raise BackendError("bigram backend: dp.noise_multiplier must be resolved before training")
-        clip = dp.max_grad_norm
+        total = self._clipped_sum(config.dp.max_grad_norm)
+        gauss = self._noise_source(config).gauss
+        std = self._noise_std(config.dp)
+        inv_batch = 1.0 / config.training.batch_size
+        return array("d", [(g + gauss(0.0, std)) * inv_batch for g in total])
+
+    def _clipped_sum(self, clip: float) -> array[float]:
+        """The sum of the accumulated per-datum gradients, each first scaled down to norm at most ``clip``."""
         total = array("d", bytes(8 * TABLE_SIZE))
         for grad in self._pending:
             norm = math.sqrt(math.fsum(g * g for row in grad.values() for g in row))
@@ -300,11 +313,27 @@ class BigramBackend(MLBackend):
                 start = token * VOCAB_SIZE
                 for j, g in enumerate(row):
                     total[start + j] += scale * g
-        std = dp.noise_multiplier * clip
-        rng: random.Random = random.SystemRandom() if dp.secure_rng else self._noise_rng
-        gauss = rng.gauss
-        inv_batch = 1.0 / config.training.batch_size
-        return array("d", [(g + gauss(0.0, std)) * inv_batch for g in total])
+        return total
+
+    def _noise_std(self, dp: DPConfig) -> float:
+        """Standard deviation of the noise added to the clipped sum: ``noise_multiplier * max_grad_norm``."""
+        if dp.noise_multiplier is None:
+            raise BackendError("bigram backend: dp.noise_multiplier must be resolved before training")
+        return dp.noise_multiplier * dp.max_grad_norm
+
+    def _noise_source(self, config: RunConfig) -> random.Random:
+        """The generator of this step's noise; its state is never saved.
+
+        Under ``secure_rng`` the OS CSPRNG. Otherwise a generator seeded from
+        ``(training.seed, step)``, so that a resumed run draws the noise an
+        uninterrupted one would have (reproducible, not private).
+        """
+        if config.dp.secure_rng:
+            return random.SystemRandom()
+        seed = config.training.seed
+        if seed is None:
+            return self._noise_rng
+        return random.Random(f"{seed}:noise:{self._step}")
 
     def _summed_gradient(self) -> array[float]:
         total = array("d", bytes(8 * TABLE_SIZE))
@@ -321,6 +350,7 @@ class BigramBackend(MLBackend):
         if config.dp.enabled:
             # Under DP an empty (Poisson-sampled) batch still takes a step: the noise alone.
             gradient: array[float] | None = self._dp_gradient(config)
+            self._noised = gradient
         elif self._pending:
             gradient = self._summed_gradient()
         else:
@@ -337,6 +367,12 @@ class BigramBackend(MLBackend):
         self._pending = []
         self._step += 1
         return OptimStepResponse(step=self._step, metrics=metrics)
+
+    def noised_gradient(self) -> list[float]:
+        """The gradient the last DP ``optim_step`` applied, row-major over the table (capability ``dp_probe``)."""
+        if self._noised is None:
+            raise BackendError("bigram backend: noised_gradient needs a DP optim_step first")
+        return self._noised.tolist()
 
     def _adamw(self, gradient: array[float], params: AdamParams) -> None:
         """One AdamW update (decoupled weight decay, bias-corrected moments), as torch.optim.AdamW."""
@@ -478,7 +514,6 @@ class BigramBackend(MLBackend):
             "table": self._table.tolist(),
             "adam_m": self._adam_m.tolist(),
             "adam_v": self._adam_v.tolist(),
-            "noise_rng": _rng_state_to_json(self._noise_rng),
             "sample_rng": _rng_state_to_json(self._sample_rng),
         }
         return json.dumps(state, separators=(",", ":")).encode("utf-8")
@@ -502,13 +537,13 @@ class BigramBackend(MLBackend):
         table = _float_table(data.get("table"), "table")
         adam_m = _float_table(data.get("adam_m"), "adam_m")
         adam_v = _float_table(data.get("adam_v"), "adam_v")
-        noise_state = _rng_state_from_json(data.get("noise_rng"), "noise_rng")
+        # States written before the noise generator was left out of them carry "noise_rng": never restored.
         sample_state = _rng_state_from_json(data.get("sample_rng"), "sample_rng")
         self._table, self._adam_m, self._adam_v = table, adam_m, adam_v
         self._step, self._adam_steps = step, adam_steps
-        self._noise_rng.setstate(noise_state)
         self._sample_rng.setstate(sample_state)
         self._pending = []
+        self._noised = None
         return step
 
     def export_adapter(self, directory: Path) -> list[Path]:
