@@ -44,11 +44,6 @@ if TYPE_CHECKING:
     )
 
 SNAPSHOT_FORMAT = "tensafe-session-1"
-#: What a session's caller must do for its epsilon to hold.
-SESSION_DUTIES = (
-    *CALLER_DUTIES,
-    "call optim_step once for every batch drawn, an empty one included (the step is then noise only)",
-)
 #: What a session hands its caller that the guarantee does not cover.
 SESSION_OUTSIDE_GUARANTEE = (
     "forward_backward and forward results (per-datum logprobs, loss sums) and optim_step's batch_size and loss: "
@@ -84,7 +79,7 @@ class TrainingSessionCore:
             self.privacy.statement = {
                 "mode": "session",
                 "privacy_unit": PRIVACY_UNIT_SESSION,
-                "caller_duties": list(SESSION_DUTIES),
+                "caller_duties": list(CALLER_DUTIES),
                 "outside_guarantee": list(SESSION_OUTSIDE_GUARANTEE),
             }
         self.backend.initialize_model(self.config)

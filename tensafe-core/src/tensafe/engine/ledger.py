@@ -37,6 +37,7 @@ CALLER_DUTIES = (
     "draw each step's batch by Poisson sampling at the declared sampling_rate, independently of past results",
     "let each record contribute at most one datum to a step (unless the certificate says otherwise)",
     "count dataset_size as the records the rate applies to",
+    "call optim_step once for every batch drawn, an empty one included (the step is then noise only)",
 )
 
 
