@@ -36,7 +36,9 @@ class ModelConfig(_Section):
         description="Local directory or hub id of a causal LM; None = the ML backend's embedded default model.",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights' dtype.")
-    device: str = Field("cpu", description="'cpu', 'cuda', 'cuda:N' or 'auto'.")
+    device: str = Field(
+        "auto", description="'auto' (a CUDA GPU when there is one, else the CPU), 'cpu', 'cuda' or 'cuda:N'."
+    )
     max_seq_len: int = Field(256, ge=2, description="Longest training sequence in tokens; longer ones are cut.")
 
 
@@ -350,6 +352,10 @@ def load_config(path: str | Path | None = None, *, environ: Mapping[str, str] | 
     data = _read_file(file)
     config = build_config(data, source=str(file), environ=environ)
     base = file.resolve().parent
+    # A relative model path is a directory next to the config file, if there is one; else a hub id.
+    model = config.model.path
+    if model is not None and not Path(model).is_absolute() and (base / model).exists():
+        config.model.path = str(base / model)
     if config.data.path is not None and not config.data.path.is_absolute():
         config.data.path = base / config.data.path
     if config.data.eval_path is not None and not config.data.eval_path.is_absolute():

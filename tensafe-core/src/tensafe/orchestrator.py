@@ -65,9 +65,12 @@ class TenSafeOrchestrator:
         self.config, privacy = loop.calibrate(self.config, self.registry, n_train, declared_rate)
         return privacy
 
-    def prepare(self) -> TrainingRun:
-        """Resolve backends, load and split data, calibrate noise, load the model."""
-        run = loop.prepare(self.config, self.registry)
+    def prepare(self, *, resume_from: Path | None = None) -> TrainingRun:
+        """Resolve backends, load and split data, calibrate noise, load the model.
+
+        ``resume_from``: the run directory a resume continues (keeps its noise multiplier).
+        """
+        run = loop.prepare(self.config, self.registry, resume_from=resume_from)
         self.config = run.config
         return run
 
@@ -118,7 +121,7 @@ class TenSafeOrchestrator:
         train``), only train. ``prepared`` is a run from :meth:`prepare`. With
         ``resume``, continue from the checkpoint in ``run_dir``.
         """
-        run = prepared if prepared is not None else self.prepare()
+        run = prepared if prepared is not None else self.prepare(resume_from=run_dir if resume else None)
         if run_dir is None:
             if resume:
                 raise UsageError("resuming needs the run directory to resume from")

@@ -161,3 +161,5 @@ class ModelInfo(_Strict):
     eos_token_id: int | None = None
     trainable_parameters: int = Field(ge=0)
     total_parameters: int = Field(ge=0)
+    device: str | None = Field(None, description="Where the model runs (e.g. 'cpu', 'cuda:0'), if the backend says.")
+    dtype: str | None = Field(None, description="The weights' dtype (e.g. 'float32'), if the backend says.")

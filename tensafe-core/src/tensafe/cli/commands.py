@@ -157,9 +157,12 @@ def _train(
     config = _load(config_file, **overrides)
     pm = plugin_manager(ctx)
     orchestrator = TenSafeOrchestrator(config, plugin_manager=pm)
-    prepared = orchestrator.prepare()
+    if resume is not None and not (resume / "checkpoint").is_dir():
+        raise UsageError(f"--resume {resume}: no checkpoint there (expected {resume / 'checkpoint'})")
+    prepared = orchestrator.prepare(resume_from=resume)
     if resume is not None:
         orchestrator.load_checkpoint(prepared, resume / "checkpoint")
+    _announce(prepared)
     reporter = _ProgressReporter()
     reporter.step = prepared.step
     progress: Any = click.progressbar(
@@ -183,11 +186,49 @@ def _train(
         click.echo(f"  report: {Path(report['run_dir']) / 'report.json'}")
 
 
+def _announce(run: Any) -> None:
+    """Say on stderr what a run is about to do: its privacy plan, and settings that defeat it."""
+    cfg, privacy = run.config, run.privacy
+    n = len(run.train_data)
+    if privacy is None:
+        click.echo(f"training without differential privacy: {cfg.training.steps} steps on {n} records", err=True)
+        return
+    budget = f"target epsilon {privacy.target_epsilon:g}" if privacy.target_epsilon is not None else "no budget"
+    click.echo(
+        f"DP-SGD: noise multiplier {cfg.dp.noise_multiplier:.4g}, clip {cfg.dp.max_grad_norm:g}, "
+        f"q = {cfg.training.batch_size}/{n} = {privacy.sampling_rate:.4g}, {cfg.training.steps} steps planned, "
+        f"{budget} at delta {privacy.delta:.3g} ({privacy.accountant_name})",
+        err=True,
+    )
+    if privacy.sampling_rate >= 1.0:
+        click.echo(
+            f"warning: training.batch_size ({cfg.training.batch_size}) >= records ({n}): every step uses every "
+            "record (q = 1), so sampling gives no privacy amplification; lower training.batch_size or add records",
+            err=True,
+        )
+    if privacy.target_epsilon is not None and cfg.dp.noise_multiplier >= 10:
+        click.echo(
+            f"warning: reaching epsilon {privacy.target_epsilon:g} in {cfg.training.steps} steps on {n} records "
+            f"needs a noise multiplier of {cfg.dp.noise_multiplier:.3g}, which drowns the gradient; use more "
+            "records, a smaller training.batch_size, fewer steps or a larger dp.target_epsilon",
+            err=True,
+        )
+
+
 def _training_options(func: Any) -> Any:
     func = click.option("--json", "as_json", is_flag=True, help="Print the run report as JSON.")(func)
     func = click.option("--run-name", help="Name of the run directory (default: timestamped).")(func)
     func = click.option("--output-dir", type=click.Path(path_type=Path), help="Where run directories go.")(func)
-    func = click.option("--steps", type=int, help="Total optimizer steps (overrides training.steps).")(func)
+    func = click.option(
+        "--steps",
+        type=click.IntRange(min=1),
+        help="Total optimizer steps (overrides training.steps). Under DP the noise is calibrated to spend the "
+        "budget in exactly these steps: a 5-step smoke test trains at far less noise than a 300-step run.",
+    )(func)
+    func = click.option(
+        "--data", type=click.Path(path_type=Path, dir_okay=False), help="JSONL training data (overrides data.path)."
+    )(func)
+    func = click.option("--model", help="Base model: a local directory or hub id (overrides model.path).")(func)
     func = click.option(
         "--resume",
         type=click.Path(path_type=Path, file_okay=False),
@@ -209,6 +250,8 @@ def _training_command(name: str, *, evaluate: bool, help_text: str) -> click.Com
         run_name: str | None,
         as_json: bool,
         resume: Path | None,
+        data: Path | None,
+        model: str | None,
     ) -> None:
         _train(
             ctx,
@@ -216,7 +259,13 @@ def _training_command(name: str, *, evaluate: bool, help_text: str) -> click.Com
             evaluate=evaluate,
             as_json=as_json,
             resume=resume,
-            **{"training.steps": steps, "output_dir": output_dir, "run_name": run_name},
+            **{
+                "training.steps": steps,
+                "output_dir": output_dir,
+                "run_name": run_name,
+                "data.path": data.resolve() if data is not None else None,
+                "model.path": model,
+            },
         )
 
     command.__doc__ = help_text
@@ -268,6 +317,7 @@ train_cmd = _training_command(
     is_flag=True,
     help="Open a .tgsp package signed by a key you do NOT trust. Anyone could have made it.",
 )
+@click.option("--model", help="Base model: a local directory or hub id (overrides model.path).")
 @click.option("--max-tokens", type=int, help="Most tokens to generate.")
 @click.option("--temperature", type=float, help="0 = greedy.")
 @click.option("--top-p", type=float, help="Nucleus sampling mass.")
@@ -303,6 +353,7 @@ def inference_cmd(
     trusted: tuple[Path, ...],
     allow_untrusted: bool,
     he: bool,
+    model: str | None,
 ) -> None:
     """Generate text from a base model, with or without a trained adapter.
 
@@ -321,6 +372,7 @@ def inference_cmd(
             "sampling.stop": list(stop) or None,
             "tgsp.recipient_key": recipient_key,
             "tgsp.trusted_signers": list(trusted) or None,
+            "model.path": model,
         },
     )
     orchestrator = TenSafeOrchestrator(config, plugin_manager=plugin_manager(ctx))

@@ -182,11 +182,30 @@ class PrivacyLedger:
         }
 
     def restore(self, state: dict[str, Any]) -> None:
-        """Take over a saved spend; refuses one made with other privacy parameters."""
-        mine = (self.accountant_name, self.sampling_rate, self.noise_multiplier, self.delta)
-        theirs = (state["accountant"], state["sampling_rate"], state["noise_multiplier"], state["delta"])
-        if mine != theirs:
-            raise UsageError(f"checkpoint was made with accountant, q, sigma, delta = {theirs}, not {mine}")
+        """Take over a saved spend; refuses one made with other privacy parameters, naming what to change."""
+        if state["accountant"] != self.accountant_name:
+            raise UsageError(
+                f"dp.accountant: the checkpoint was charged by {state['accountant']!r}, not {self.accountant_name!r}; "
+                "resume with the same accountant"
+            )
+        differences = [
+            (name, saved, mine)
+            for name, saved, mine in (
+                (
+                    "sampling rate q (training.batch_size / training records)",
+                    state["sampling_rate"],
+                    self.sampling_rate,
+                ),
+                ("dp.noise_multiplier (as charged)", state["noise_multiplier"], self.noise_multiplier),
+                ("dp.target_delta", state["delta"], self.delta),
+            )
+            if not math.isclose(saved, mine, rel_tol=1e-9, abs_tol=0.0)
+        ]
+        if differences:
+            detail = "; ".join(
+                f"{name}: checkpoint {saved:.6g}, this config {mine:.6g}" for name, saved, mine in differences
+            )
+            raise UsageError(f"the checkpoint was made with other privacy parameters ({detail}); resume with the same")
         self.accountant.load_state(state["accountant_state"])
         self.warned = bool(state["warned"])
 

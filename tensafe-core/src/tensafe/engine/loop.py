@@ -26,7 +26,7 @@ from tensafe.engine.ledger import PRIVACY_UNIT, ProtectedSet, build_ledger
 from tensafe.engine.packaging import check_packaging, package_adapter, packaging_configured
 from tensafe.engine.report import write_report
 from tensafe.engine.run import TrainingRun, load_run_data
-from tensafe.engine.state import CHECKPOINT_DIR, load_checkpoint, save_checkpoint
+from tensafe.engine.state import CHECKPOINT_DIR, load_checkpoint, save_checkpoint, saved_noise_multiplier
 from tensafe.errors import BackendError, UsageError
 from tensafe.types import datum_from_sequence
 
@@ -84,8 +84,18 @@ def rl_loop(config: RunConfig, registry: Registry, backend: MLBackend) -> RLVRLo
     return RLVRLoop(rl, reward)
 
 
-def prepare(config: RunConfig, registry: Registry) -> TrainingRun:
-    """Resolve backends, load and split data, calibrate noise, load the model."""
+def prepare(config: RunConfig, registry: Registry, *, resume_from: Path | None = None) -> TrainingRun:
+    """Resolve backends, load and split data, calibrate noise, load the model.
+
+    With ``resume_from`` (a run directory), a config that leaves
+    ``dp.noise_multiplier`` to calibration takes the one the run trained with,
+    so the run can be resumed, and extended to more steps while the budget
+    allows, at the noise it was calibrated with.
+    """
+    if resume_from is not None and config.dp.enabled and config.dp.noise_multiplier is None:
+        saved = saved_noise_multiplier(resume_from / CHECKPOINT_DIR)
+        if saved is not None:
+            config = config.model_copy(update={"dp": config.dp.model_copy(update={"noise_multiplier": saved})})
     backend = training_backend(config, registry)
     check_packaging(config, registry)
     rl = rl_loop(config, registry, backend)  # rewards resolve before any data is read or sampled
@@ -110,6 +120,7 @@ def prepare(config: RunConfig, registry: Registry) -> TrainingRun:
         run_id=uuid.uuid4().hex[:12],
         config=config,
         backend=backend,
+        info=info,
         data=data,
         train_data=tokenize(data.train),
         eval_data=tokenize(data.held_out),
@@ -227,10 +238,11 @@ def execute(
     started = time.time()
     cfg = run.config
     checkpoint = run_dir / CHECKPOINT_DIR
-    if resume and run.step == 0:
-        load_checkpoint(gate, run, checkpoint)
+    if resume:
+        if run.step == 0:  # not yet loaded by the caller
+            load_checkpoint(gate, run, checkpoint)
     elif checkpoint.exists():
-        raise UsageError(f"{run_dir} already holds a run; resume it or choose another run name")
+        raise UsageError(f"{run_dir} already holds a run; resume it (--resume) or choose another run name")
     run_dir.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"run_id": run.run_id, "status": "failed", "run_dir": str(run_dir)}
     prompts, sample_source = gate.release.sample_prompts(run.data) if evaluate else ([], "")
@@ -269,6 +281,8 @@ def execute(
             status="completed",
             backend=cfg.backend,
             model=cfg.model.path or "embedded default",
+            device=run.info.device or "not reported by the backend",
+            dtype=run.info.dtype or cfg.model.dtype,
             data=str(run.data.source),
             records={"train": len(run.train_data), "eval": len(run.eval_data)},
             held_out_records=[r.line for r in run.data.held_out],

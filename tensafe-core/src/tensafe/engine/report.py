@@ -57,7 +57,7 @@ def render_report(report: dict[str, Any]) -> str:
     lines = [f"TenSafe run {report['run_id']}: {report['status']}"]
     if "error" in report:
         lines.append(f"  error: {report['error']}")
-    for key in ("backend", "model", "data", "records", "steps", "seconds"):
+    for key in ("backend", "model", "device", "dtype", "data", "records", "steps", "seconds"):
         if key in report:
             lines.append(f"  {key}: {_fmt(report[key])}")
     private = bool(report.get("privacy"))

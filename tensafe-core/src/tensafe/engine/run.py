@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from tensafe.engine.gate import StepGate
     from tensafe.engine.ledger import PrivacyLedger
     from tensafe.interfaces import MLBackend
-    from tensafe.types import Datum
+    from tensafe.types import Datum, ModelInfo
 
 #: Where probe prompts came from, as the report says it.
 PROBES_CONFIGURED = "public probe prompts from data.probes"
@@ -82,6 +82,7 @@ class TrainingRun:
     run_id: str
     config: RunConfig
     backend: MLBackend
+    info: ModelInfo
     data: RunData
     train_data: list[Datum]
     eval_data: list[Datum]

@@ -40,6 +40,8 @@ def save_checkpoint(gate: StepGate, run: TrainingRun, directory: Path) -> Path:
         "step": run.step,
         "history": run.history,
         "privacy": run.privacy.to_state() if run.privacy else None,
+        # The per-update noise multiplier the run trains with: a resume (even to more steps) keeps it.
+        "dp_noise_multiplier": run.config.dp.noise_multiplier if run.privacy else None,
         "rng": rng_state(run.rng),
         "rl": run.rl.state() if run.rl else None,
     }
@@ -52,6 +54,16 @@ def save_checkpoint(gate: StepGate, run: TrainingRun, directory: Path) -> Path:
     shutil.rmtree(previous, ignore_errors=True)
     gate.audit("checkpoint.write", str(directory), step=run.step)
     return directory
+
+
+def saved_noise_multiplier(directory: Path) -> float | None:
+    """The noise multiplier a checkpoint's run trained with (None if there is no readable one)."""
+    try:
+        progress = json.loads((directory / PROGRESS).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    value = progress.get("dp_noise_multiplier") if isinstance(progress, dict) else None
+    return float(value) if isinstance(value, int | float) and value > 0 else None
 
 
 def load_checkpoint(gate: StepGate, run: TrainingRun, directory: Path) -> None:
