@@ -77,11 +77,31 @@ def core_only(session: nox.Session) -> None:
     session.run("pytest", *CORE_ONLY_TESTS, *session.posargs, env=STRICT)
 
 
+CHROMIUM_ENV = "TENSAFE_TEST_CHROMIUM"
+CHROMIUM_SCRIPT = "scripts/chromium-for-tests.sh"
+
+
+def _chromium(session: nox.Session) -> dict[str, str]:
+    """The browser the report picture test renders report.html in: given, on PATH, or installed by the script."""
+    import os
+    import shutil
+    import subprocess
+
+    found = os.environ.get(CHROMIUM_ENV) or shutil.which("chromium")
+    if not found:
+        result = subprocess.run(["bash", str(ROOT / CHROMIUM_SCRIPT)], capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            session.warn(f"{CHROMIUM_SCRIPT} failed (the report picture test will fail):\n{result.stderr}")
+            return {}
+        found = result.stdout.strip().splitlines()[-1]
+    return {CHROMIUM_ENV: found}
+
+
 @nox.session
 def core(session: nox.Session) -> None:
-    """tensafe-core with the third-party-style plugin from tests/plugins."""
+    """tensafe-core with the third-party-style plugin from tests/plugins; report.html renders in Chromium."""
     session.install("./tensafe-core[testing]", f"./{THIRD_PARTY_PLUGIN}")
-    session.run("pytest", "tests/core", *session.posargs, env=STRICT)
+    session.run("pytest", "tests/core", *session.posargs, env={**STRICT, **_chromium(session)})
 
 
 @nox.session

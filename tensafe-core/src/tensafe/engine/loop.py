@@ -24,7 +24,7 @@ from tensafe.data import PoissonSampler, Record, records_digest, tokenize_record
 from tensafe.engine.inference import sample_text
 from tensafe.engine.ledger import PRIVACY_UNIT, ProtectedSet, build_ledger
 from tensafe.engine.packaging import check_packaging, package_adapter, packaging_configured
-from tensafe.engine.report import write_report
+from tensafe.engine.report import append_metrics, rewrite_metrics, write_report
 from tensafe.engine.run import TrainingRun, load_run_data
 from tensafe.engine.state import CHECKPOINT_DIR, load_checkpoint, save_checkpoint, saved_noise_multiplier
 from tensafe.errors import BackendError, UsageError
@@ -244,6 +244,7 @@ def execute(
     elif checkpoint.exists():
         raise UsageError(f"{run_dir} already holds a run; resume it (--resume) or choose another run name")
     run_dir.mkdir(parents=True, exist_ok=True)
+    rewrite_metrics(run_dir, run.history)
     report: dict[str, Any] = {"run_id": run.run_id, "status": "failed", "run_dir": str(run_dir)}
     prompts, sample_source = gate.release.sample_prompts(run.data) if evaluate else ([], "")
     evaluated = evaluate or bool(cfg.training.eval_every)
@@ -261,7 +262,9 @@ def execute(
             train_step(gate, run)
             if cfg.training.eval_every and run.step % cfg.training.eval_every == 0:
                 key, value = held_out(run)
-                run.history[-1][key] = math.nan if value is None else value
+                if value is not None:
+                    run.history[-1][key] = value
+            append_metrics(run_dir, run.history[-1])
             if every and run.step % every == 0 and run.step < cfg.training.steps:
                 save_checkpoint(gate, run, checkpoint)
         save_checkpoint(gate, run, checkpoint)

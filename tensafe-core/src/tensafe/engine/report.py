@@ -14,10 +14,27 @@ REPORT_MARKS = 6
 OUTSIDE_LABEL = "outside the privacy guarantee"
 
 
+METRICS = "metrics.jsonl"
+
+
 def write_report(run_dir: Path, report: dict[str, Any]) -> None:
-    """``report.json`` and ``report.txt`` in ``run_dir``."""
+    """``report.json``, ``report.txt`` and ``report.html`` in ``run_dir``."""
+    from tensafe.engine.picture import write_html
+
     (run_dir / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
     (run_dir / "report.txt").write_text(render_report(report), encoding="utf-8")
+    write_html(run_dir, report)
+
+
+def append_metrics(run_dir: Path, released: dict[str, float]) -> None:
+    """One line of ``metrics.jsonl``: a step's released metrics, as it ends."""
+    with (run_dir / METRICS).open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(released) + "\n")
+
+
+def rewrite_metrics(run_dir: Path, history: list[dict[str, float]]) -> None:
+    """``metrics.jsonl`` as of a checkpoint's history (a resume drops steps the checkpoint did not keep)."""
+    (run_dir / METRICS).write_text("".join(json.dumps(h) + "\n" for h in history), encoding="utf-8")
 
 
 def _fmt(value: Any) -> str:
