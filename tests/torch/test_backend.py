@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -151,3 +153,38 @@ def test_load_state_refuses_another_lora_configuration() -> None:
     other.initialize_model(config)
     with pytest.raises(BackendError, match="another model or LoRA configuration"):
         other.load_state(state)
+
+
+def names_and_record_numbers(path: Path) -> tuple[set[str], set[str]]:
+    """Every first and last name, and every record number, of a dataset's prompts."""
+    names: set[str] = set()
+    numbers: set[str] = set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        match = re.match(r"Record (\d+)\. Name: (\w+) (\w+)\.", json.loads(line)["prompt"])
+        assert match, line
+        numbers.add(match[1])
+        names |= {match[2], match[3]}
+    return names, numbers
+
+
+def test_default_probes_are_public_prompts_in_the_default_dataset_format() -> None:
+    probes = TorchBackend().default_probes()
+    names, numbers = names_and_record_numbers(assets.DEFAULT_DATASET)
+    assert len(probes) == 3
+    for probe in probes:
+        match = re.fullmatch(r"Record (\d+)\. Name: (\w+) (\w+)\. Born: \d{4}\. City: [\w ]+\. Country:", probe)
+        assert match, probe
+        assert match.group(1) not in numbers and not {match.group(2), match.group(3)} & names, "an invented person"
+
+
+def test_the_rlvr_example_names_public_probes_in_its_data_format() -> None:
+    from tensafe.config import load_config
+
+    config = load_config(assets.HERE / "rlvr.yaml")
+    assert config.data.path is not None and config.data.probes
+    names, numbers = names_and_record_numbers(config.data.path)
+    assert 2 <= len(config.data.probes) <= 3
+    for probe in config.data.probes:
+        match = re.fullmatch(r"Record (\d+)\. Name: (\w+) (\w+)\. Born: \d{4}\. Country: \w+\. City:", probe)
+        assert match, probe
+        assert match.group(1) not in numbers and not {match.group(2), match.group(3)} & names, "an invented person"

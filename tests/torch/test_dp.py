@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tensafe.errors import PrivacyBudgetExceeded
+from tensafe import capabilities
+from tensafe.errors import BackendError, PrivacyBudgetExceeded
 from tensafe.orchestrator import TenSafeOrchestrator
 from tensafe.testing import fresh_plugin_manager
 from tensafe.types import AdamParams, Datum, datum_from_sequence
@@ -127,3 +128,30 @@ def test_a_step_refused_at_the_budget_performs_no_update(qa_dataset: Path, tmp_p
         orchestrator.train_step(run)
     assert all(torch.equal(w, p) for w, p in zip(weights, run.backend._params, strict=True))  # type: ignore[attr-defined]
     assert run.step == 2
+
+
+def test_noised_gradient_is_the_gradient_adamw_received() -> None:
+    private = make_backend(noise_multiplier=1.0, max_grad_norm=0.5)
+    assert capabilities.DP_PROBE in private.capabilities
+    with pytest.raises(BackendError, match="no DP optim_step has run yet"):
+        private.noised_gradient()
+    private.forward_backward(data_for(private), "cross_entropy")
+    private.optim_step(AdamParams(learning_rate=1e-2))
+    probe = private.noised_gradient()
+    assert len(probe) == sum(p.numel() for p in private._params)
+    torch.testing.assert_close(torch.tensor(probe), flat_grad(private))
+    private.load_state(private.save_state())
+    with pytest.raises(BackendError, match="no DP optim_step has run yet"):
+        private.noised_gradient()
+    plain = make_backend()
+    plain.optim_step(AdamParams())
+    with pytest.raises(BackendError, match="needs DP-SGD"):
+        plain.noised_gradient()
+
+
+def test_noised_gradient_of_an_empty_step_has_std_sigma_c_over_the_expected_batch() -> None:
+    private = make_backend(noise_multiplier=2.0, max_grad_norm=0.3)
+    private.optim_step(AdamParams())
+    noise = torch.tensor(private.noised_gradient())
+    assert float(noise.std()) == pytest.approx(2.0 * 0.3 / 4, rel=0.05)
+    assert abs(float(noise.mean())) < 0.01

@@ -9,9 +9,11 @@ Under ``config.dp.enabled`` the model is wrapped in Opacus' ``GradSampleModule``
 after every micro-batch each datum's gradient is clipped to ``max_grad_norm``
 and added to a running sum (``clip_and_accumulate``); ``optim_step`` adds
 Gaussian noise of standard deviation ``noise_multiplier * max_grad_norm`` once
-(``add_noise``), divides by the *expected* batch size (Poisson sampling makes
+(``add_step_noise``), divides by the *expected* batch size (Poisson sampling makes
 the real one random) and steps AdamW. Physical micro-batches therefore never
 change the result, only the memory used. An empty batch still gets its noise.
+The noise of each step comes from a source keyed for that step alone and is
+never part of a saved state (see :mod:`tensafe_torch.noise`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import struct
 import warnings
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -48,7 +50,12 @@ from tensafe.types import (
 )
 from tensafe_torch import assets
 
+if TYPE_CHECKING:
+    from tensafe_torch.noise import StepKeyedDPOptimizer
+
 STATE_MAGIC = b"TENSAFE-TORCH-STATE\x01"
+# Public prompts in the default dataset's format, with invented names and record numbers found in no record.
+DEFAULT_PROBES = assets.HERE / "default_probes.json"
 DEFAULT_MAX_TOKENS = 64
 PPO_CLIP = (0.8, 1.2)
 
@@ -87,6 +94,7 @@ class TorchBackend(MLBackend):
     capabilities: ClassVar[frozenset[str]] = frozenset(
         {
             capabilities.DP_SGD,
+            capabilities.DP_PROBE,
             capabilities.SEEDED_SAMPLING,
             capabilities.POLICY_LOSSES,
             capabilities.STREAMING,
@@ -102,6 +110,9 @@ class TorchBackend(MLBackend):
 
     def default_dataset(self) -> Path:
         return assets.DEFAULT_DATASET
+
+    def default_probes(self) -> list[str]:
+        return [str(prompt) for prompt in json.loads(DEFAULT_PROBES.read_text(encoding="utf-8"))]
 
     def _load_base(self, config: RunConfig) -> tuple[Any, Any]:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -191,24 +202,29 @@ class TorchBackend(MLBackend):
             eps=adam.eps,
             weight_decay=adam.weight_decay,
         )
-        self._dp = None
+        self._dp: StepKeyedDPOptimizer | None = None
+        self._noised_gradient: torch.Tensor | None = None
         self._forward_module: Any = model
         if cfg.dp.enabled:
             from opacus import GradSampleModule
-            from opacus.optimizers import DPOptimizer
+
+            from tensafe_torch.noise import StepKeyedDPOptimizer
 
             if cfg.dp.noise_multiplier is None:
                 raise BackendError("dp.noise_multiplier must be resolved (calibrated) before the model is initialised")
             self._forward_module = GradSampleModule(model, batch_first=True, loss_reduction="sum")
-            self._noise_generator = _seeded_generator(None if cfg.dp.secure_rng else cfg.training.seed, self._device)
-            self._dp = DPOptimizer(
+            research_seed = None
+            if not cfg.dp.secure_rng:  # reproducible, not private
+                seed = cfg.training.seed
+                research_seed = seed if seed is not None else secrets.randbits(64)
+            self._dp = StepKeyedDPOptimizer(
                 self._optimizer,
                 noise_multiplier=cfg.dp.noise_multiplier,
                 max_grad_norm=cfg.dp.max_grad_norm,
                 expected_batch_size=cfg.training.batch_size,
                 loss_reduction="sum",
-                generator=self._noise_generator,
-                secure_mode=False,
+                secure_mode=cfg.dp.secure_mode,
+                research_seed=research_seed,
             )
         model.train()
 
@@ -387,9 +403,10 @@ class TorchBackend(MLBackend):
             for param in self._params:
                 if getattr(param, "summed_grad", None) is None:
                     param.summed_grad = torch.zeros_like(param)  # an empty Poisson batch: noise only
-            self._dp.add_noise()
+            self._dp.add_step_noise(self._step)
             for param in self._params:
                 param.grad /= cfg.training.batch_size
+            self._noised_gradient = torch.cat([p.grad.detach().reshape(-1) for p in self._params]).float().cpu()
         else:
             for param in self._params:
                 if param.grad is None:
@@ -402,6 +419,14 @@ class TorchBackend(MLBackend):
         # Gradients stay readable until the next forward_backward (tests and diagnostics use them).
         self._pending_reset = True
         return OptimStepResponse(step=self._step, metrics={"grad_norm": grad_norm})
+
+    def noised_gradient(self) -> list[float]:
+        self._require()
+        if self._dp is None:
+            raise BackendError("noised_gradient needs DP-SGD: this backend was initialised with dp.enabled false")
+        if self._noised_gradient is None:
+            raise BackendError("no DP optim_step has run yet (since initialisation or the last load_state)")
+        return list(self._noised_gradient.tolist())
 
     # -- sampling ----------------------------------------------------------------------
 
@@ -559,9 +584,7 @@ class TorchBackend(MLBackend):
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in state:
                     tensors[f"adam.{key}.{name}"] = state[key].detach().cpu().contiguous()
-        tensors["rng.sampling"] = self._sampling_generator.get_state()
-        if self._dp is not None:
-            tensors["rng.noise"] = self._noise_generator.get_state()
+        tensors["rng.sampling"] = self._sampling_generator.get_state()  # generation, not DP noise
         return tensors
 
     def save_state(self) -> bytes:
@@ -586,6 +609,12 @@ class TorchBackend(MLBackend):
         return STATE_MAGIC + struct.pack("<Q", len(header)) + header + payload
 
     def load_state(self, state: bytes) -> int:
+        """Restore a :meth:`save_state`.
+
+        The state holds no DP noise generator: the next step's noise is keyed afresh
+        from the CSPRNG, or, in a research run (``dp.secure_rng: false``), from
+        (``training.seed``, restored step), which reproduces the uninterrupted run.
+        """
         from safetensors.torch import load
 
         cfg = self._cfg
@@ -602,7 +631,13 @@ class TorchBackend(MLBackend):
             raise BackendError("the training state was saved with another model or LoRA configuration")
         if bool(header.get("dp")) != cfg.dp.enabled:
             raise BackendError("the training state and the config disagree on dp.enabled")
-        allowed = {"rng.sampling", "rng.noise"} | {
+        if "rng.noise" in tensors:
+            raise BackendError(
+                "the training state carries the DP noise generator's state (written by an earlier tensafe-torch); "
+                "states that carry noise-generator state are no longer accepted, since whoever holds one can "
+                "regenerate the run's noise and remove it"
+            )
+        allowed = {"rng.sampling"} | {
             f"{kind}.{name}" for name in self._names for kind in ("param", "adam.exp_avg", "adam.exp_avg_sq")
         }
         if set(tensors) - allowed or any(f"param.{n}" not in tensors for n in self._names):
@@ -622,8 +657,7 @@ class TorchBackend(MLBackend):
                 else:
                     self._optimizer.state.pop(param, None)
         self._sampling_generator.set_state(tensors["rng.sampling"])
-        if self._dp is not None and "rng.noise" in tensors:
-            self._noise_generator.set_state(tensors["rng.noise"])
+        self._noised_gradient = None
         self._clear_gradients()
         self._step = int(header["step"])
         return self._step
