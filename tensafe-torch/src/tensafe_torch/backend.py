@@ -183,6 +183,8 @@ class TorchBackend(MLBackend):
             eos_token_id=tokenizer.eos_token_id,
             trainable_parameters=sum(p.numel() for p in self._params),
             total_parameters=total,
+            device=str(self._device),
+            dtype=config.model.dtype,
         )
 
     def _attach(self, model: Any) -> None:
