@@ -90,8 +90,9 @@ class DPConfig(_Section):
     )
     secure_mode: bool = Field(
         False,
-        description="Opacus secure mode: each noise draw sums several Gaussian samples, which resists "
-        "floating-point attacks on the noise; slower (see benchmarks/dp_overhead.py).",
+        description="Opacus secure mode: each noise value sums four Gaussian samples, which resists "
+        "floating-point attacks on the noise; with secure_rng every sample comes from the OS CSPRNG. "
+        "Slower (see benchmarks/dp_overhead.py).",
     )
 
     @model_validator(mode="after")
