@@ -11,7 +11,7 @@ from __future__ import annotations
 from tensafe.errors import TensafeError
 from tensafe.hookspecs import hookimpl
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["InferenceSession", "TenSafeClient", "TensafeError", "TrainingSession", "__version__", "hookimpl"]
 _SDK = frozenset({"TenSafeClient", "TrainingSession", "InferenceSession"})
