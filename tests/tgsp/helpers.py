@@ -70,6 +70,13 @@ def safetensors_bytes(count: int, seed: int = 0) -> bytes:
     return struct.pack("<Q", len(header)) + header + random.Random(seed).randbytes(4 * count)
 
 
+def safetensors_header(data: bytes) -> dict[str, Any]:
+    """The JSON header of a safetensors file (a little-endian u64 length, then the JSON)."""
+    (length,) = struct.unpack_from("<Q", data)
+    header: dict[str, Any] = json.loads(data[8 : 8 + length])
+    return header
+
+
 def adapter_files(floats: int = 40_000, seed: int = 0) -> dict[str, bytes]:
     """A PEFT-like adapter: config plus weights (160 KB by default, so the payload has three chunks)."""
     config = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}

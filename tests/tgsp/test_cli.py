@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.tgsp.helpers import CERTIFICATE, adapter_files
+from tensafe_tgsp.cli import NOT_VERIFIED, VERIFIED
+from tests.tgsp.helpers import CERTIFICATE, Party, adapter_files
 
 
 def tgsp(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -137,3 +138,26 @@ def test_a_tampered_package_fails_with_exit_status_2(tmp_path: Path, run_dir: Pa
     fails(tgsp("inspect", package), "ends inside")
     fails(tgsp("pack", run_dir / "adapter", "--out", tmp_path / "q.tgsp", "--signing-key", keys / "k.sign.key",
                "--recipient", keys / "k.recipient.pub"), "--base-model")  # fmt: skip
+
+
+def test_verify_says_it_does_not_authenticate_the_payload(package: Path, producer: Party) -> None:
+    out = ok(tgsp("verify", package, "--trusted", producer.sign_pub))
+    assert out.startswith(f"OK: {package} is signed by trusted key {producer.signing.fingerprint}\nverified:\n")
+    verified, rest = out.split("\nNOT verified:\n")
+    not_verified = rest.split("\npackage ")[0]
+    for checked in ("both signatures (Ed25519 and ML-DSA-65)", "--trusted keys", "every manifest field", "policy"):
+        assert checked in verified
+    assert "payload" not in verified
+    assert not_verified.startswith("  - the payload (the encrypted adapter files): verify does not read it; ")
+    assert "only `tensafe tgsp unpack`, with a recipient key, authenticates it" in not_verified
+    assert "AES-GCM tag of every chunk" in not_verified
+
+    shown = json.loads(ok(tgsp("verify", package, "--trusted", producer.sign_pub, "--json")))
+    assert shown["package_id"] and len(shown["verification"]["verified"]) == 5
+    assert shown["verification"]["not_verified"] == [not_verified.removeprefix("  - ")]
+
+    help_text = " ".join(ok(tgsp("verify", "--help")).split())
+    assert "the payload is NOT verified" in help_text
+    verified_help, not_verified_help = help_text.split(" NOT verified: ")
+    assert all(f"- {item}" in verified_help for item in VERIFIED)
+    assert [f"- {item}" for item in NOT_VERIFIED] == [not_verified_help.split(" Options:")[0]]

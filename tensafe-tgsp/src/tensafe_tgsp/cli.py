@@ -19,6 +19,7 @@ import click
 from tensafe_tgsp import format as tgsp_format
 from tensafe_tgsp import keys
 from tensafe_tgsp._canonical import load_json
+from tensafe_tgsp._regular_file import open_regular_file
 from tensafe_tgsp.errors import KeyFileError, PackError
 
 if TYPE_CHECKING:
@@ -57,7 +58,8 @@ def _key_passphrase(path: Path, env_var: str | None) -> str | None:
 
 def _read_json(path: Path, what: str, *, strict: bool = True) -> Any:
     try:
-        with path.open("rb") as handle:
+        fd, _ = open_regular_file(path, what=what, error=PackError)
+        with os.fdopen(fd, "rb") as handle:
             data = handle.read(MAX_JSON_INPUT + 1)
     except OSError as exc:
         raise PackError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
@@ -319,19 +321,65 @@ def pack_cmd(
     _emit(as_json, _shown(manifest), f"wrote {output}\n" + summary(manifest))
 
 
+#: What `verify` establishes (SPEC.md 9.1): everything but the payload, whose bytes no signature covers.
+VERIFIED = (
+    "the header and every region's length (the file's size included)",
+    "both signatures (Ed25519 and ML-DSA-65) over the header, the manifest and the recipient block",
+    "that the signer is one of the --trusted keys",
+    "every manifest field, and the recipient block against the manifest's recipients",
+    "the policy (not_after; the allowed base models, and --base-model when given)",
+)
+#: What `verify` leaves to `unpack`, which authenticates the payload as it decrypts it (SPEC.md 9.2).
+NOT_VERIFIED = (
+    "the payload (the encrypted adapter files): verify does not read it; only `tensafe tgsp unpack`, "
+    "with a recipient key, authenticates it (the AES-GCM tag of every chunk, the SHA-256 of every file "
+    "against the signed content index)",
+)
+
+
+def _verification_lines(package: Path, manifest: dict[str, Any]) -> list[str]:
+    """What verify says before the summary (``verify --help`` words the same items)."""
+    lines = [f"OK: {package} is signed by trusted key {manifest['producer']['fingerprint']}", "verified:"]
+    lines.extend(f"  - {item}" for item in VERIFIED)
+    lines.append("NOT verified:")
+    lines.extend(f"  - {item}" for item in NOT_VERIFIED)
+    return lines
+
+
 @tgsp.command("verify")
 @click.argument("package", type=PATH_IN)
 @click.option("--trusted", "trusted", multiple=True, required=True, type=PATH_IN, help="A trusted NAME.sign.pub.")
 @click.option("--base-model", help="Also check that the policy allows this base model.")
-@click.option("--json", "as_json", is_flag=True, help="Print the verified manifest and its privacy statement as JSON.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print the verified manifest, its privacy statement and what was (not) verified as JSON.",
+)
 def verify_cmd(package: Path, trusted: tuple[Path, ...], base_model: str | None, as_json: bool) -> None:
-    """Check both signatures, the signer's trust, the manifest and the policy, without decrypting."""
+    """Check signatures, signer, manifest and policy, without decrypting: the payload is NOT verified.
+
+    \b
+    Verified:
+      - the header and every region's length (the file's size included)
+      - both signatures (Ed25519 and ML-DSA-65) over the header, the
+        manifest and the recipient block
+      - that the signer is one of the --trusted keys
+      - every manifest field, and the recipient block against the
+        manifest's recipients
+      - the policy (not_after; the allowed base models, and --base-model
+        when given)
+
+    \b
+    NOT verified:
+      - the payload (the encrypted adapter files): verify does not read it;
+        only `tensafe tgsp unpack`, with a recipient key, authenticates it
+        (the AES-GCM tag of every chunk, the SHA-256 of every file against
+        the signed content index)
+    """
     manifest = tgsp_format.verify(package, list(trusted), base_model=base_model)
-    _emit(
-        as_json,
-        _shown(manifest),
-        f"OK: {package} is signed by trusted key {manifest['producer']['fingerprint']}\n" + summary(manifest),
-    )
+    shown = {**_shown(manifest), "verification": {"verified": list(VERIFIED), "not_verified": list(NOT_VERIFIED)}}
+    _emit(as_json, shown, "\n".join([*_verification_lines(package, manifest), summary(manifest)]))
 
 
 @tgsp.command("inspect")

@@ -20,7 +20,6 @@ import binascii
 import hashlib
 import os
 import re
-import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from tensafe_tgsp._boundary import boundary
 from tensafe_tgsp._canonical import canonical_json, load_json
+from tensafe_tgsp._regular_file import open_regular_file
 from tensafe_tgsp.errors import DestinationExists, KeyFileError, SignatureInvalid
 
 ED25519_PUBLIC_LEN = 32
@@ -347,13 +347,10 @@ def save_public_key(key: SigningPublicKey | RecipientPublicKey, path: str | os.P
 def _read_document(path: str | os.PathLike[str]) -> dict[str, Any]:
     target = Path(path)
     try:
-        fd = os.open(target, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        fd, info = open_regular_file(target, what="key file", error=KeyFileError)
     except OSError as exc:
         raise KeyFileError(f"cannot open key file {target}: {exc.strerror or exc}") from None
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise KeyFileError(f"{target} is not a regular file")
         if info.st_size > MAX_KEY_FILE:
             raise KeyFileError(f"{target} is too large to be a key file")
         with os.fdopen(fd, "rb", closefd=False) as handle:

@@ -1,7 +1,7 @@
 """The ``tensafe`` entry point of tensafe-tgsp; imports nothing but tensafe.
 
-cryptography, safetensors and click are imported inside the factories, when a
-loader or the ``tensafe tgsp`` command is actually used.
+cryptography and click are imported inside the factories, when a loader or the
+``tensafe tgsp`` command is actually used.
 """
 
 from __future__ import annotations
