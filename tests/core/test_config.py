@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tensafe.config import RunConfig, build_config, env_overrides, load_config
 from tensafe.errors import ConfigError
+from tests.core.test_plugins import run_cli
 
 
 def test_defaults_follow_tinker_and_are_private() -> None:
@@ -94,3 +96,55 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
     config = load_config(path, environ={})
     assert config.data.path == tmp_path / "sub" / "data.jsonl"
     assert config.output_dir == tmp_path / "sub" / "out"
+
+
+# -- tensafe config validate | show --------------------------------------------------------------------------
+
+
+def test_validate_checks_that_every_named_implementation_is_installed(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "mode: rlvr\nbackend: jax\ndp:\n  accountant: gdp\nhe:\n  backend: tfhe\ntgsp:\n  loader: zip\n"
+        "rl:\n  rewards:\n    - name: exact_match\n    - name: not_registered\n"
+        "    - name: no_such_package.rewards:score\n"
+    )
+    result = run_cli("config", "validate", str(path))
+    assert result.returncode == 2
+    problems = dict(line.strip().split(": ", 1) for line in result.stderr.splitlines() if line.startswith("  "))
+    assert set(problems) == {
+        "backend",
+        "dp.accountant",
+        "he.backend",
+        "tgsp.loader",
+        "rl.rewards.1.name",
+        "rl.rewards.2.name",
+    }
+    assert problems["backend"].startswith("no ML backend 'jax' installed (available: ")
+    assert "bigram" in problems["backend"]
+    assert "no privacy accountant 'gdp' installed" in problems["dp.accountant"]
+    assert "no reward function 'not_registered' installed (available: exact_match" in problems["rl.rewards.1.name"]
+    assert "no module named 'no_such_package" in problems["rl.rewards.2.name"].lower()
+    assert "Traceback" not in result.stderr
+
+
+def test_validate_passes_a_config_whose_implementations_are_installed(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("backend: bigram\ndp:\n  enabled: false\n  accountant: unused-without-dp\n")
+    result = run_cli("config", "validate", str(path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{path}: valid\n"
+
+
+def test_show_prints_each_fields_description_and_default(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("dp:\n  target_delta: 1.0e-6\n")
+    result = run_cli("config", "show", str(path))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    at = lines.index("  target_delta: 1.0e-06")
+    assert lines[at - 1] == "  # delta of (epsilon, delta)-DP; None = 1 / (10 * dataset size). (default: null)"
+    assert "  # Optimizer steps to take. (default: 300)" in lines
+    assert "# Set to run inference with the adapter under HE. (default: null)" in lines
+    assert "#     poly_modulus_degree: 8192" in lines, "an unset section shows its settings, commented out"
+    as_json = run_cli("config", "show", str(path), "--format", "json")
+    assert yaml.safe_load(result.stdout) == json.loads(as_json.stdout), "the comments leave the YAML's values alone"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tensafe import hookimpl
 from tensafe.errors import PluginLoadError
 from tensafe.plugins import PluginSettings, create_plugin_manager
 from tests.mocks.distributions import BROKEN_MODULE, UNKNOWN_HOOK_MODULE, make_distribution
@@ -118,3 +119,18 @@ def test_plugins_all_includes_builtins() -> None:
     everything = {row["name"] for row in json.loads(run_cli("plugins", "--all").stdout)}
     assert "tensafe.builtin_plugin" not in plain
     assert "tensafe.builtin_plugin" in everything
+
+
+def test_hook_output_can_be_routed_to_stderr(capsys: pytest.CaptureFixture[str]) -> None:
+    class Chatty:
+        @hookimpl
+        def tensafe_report_step(self, step: int) -> None:
+            print(f"hook says {step}")
+
+    pm = create_plugin_manager(plugins=[Chatty()], settings=PluginSettings(autoload=False))
+    pm.route_hook_output_to_stderr()
+    pm.route_hook_output_to_stderr()  # idempotent
+    pm.hook.tensafe_report_step(run_id="r", step=3, metrics={})
+    print("caller says hi")
+    out, err = capsys.readouterr()
+    assert (out, err) == ("caller says hi\n", "hook says 3\n")

@@ -7,9 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from tensafe.errors import DuplicateRegistrationError, InterfaceError, NotInstalledError, PluginError
+from tensafe.errors import (
+    DuplicateRegistrationError,
+    InterfaceError,
+    NotInstalledError,
+    PluginError,
+    PluginFactoryError,
+)
 from tensafe.interfaces import MLBackend
-from tensafe.plugins import TensafePluginManager
+from tensafe.plugins import PluginSettings, TensafePluginManager, create_plugin_manager
 from tests.mocks.accountants import LinearAccountantPlugin, LinearTestAccountant
 from tests.mocks.registrations import ExplodingRegistrar, NamedRegistrar
 
@@ -129,3 +135,87 @@ def test_tgsp_loaders_register_and_resolve(tensafe_plugin_manager: TensafePlugin
     assert tensafe_plugin_manager.registry.tgsp_loader("json").inspect(package) == {"package_id": "abc"}
     with pytest.raises(NotInstalledError, match="pip install tensafe-tgsp"):
         tensafe_plugin_manager.registry.tgsp_loader("tgsp")
+
+
+# -- outside strict mode: one plugin's mistake is dropped, named, and nothing else breaks --------------------
+
+
+def lenient_plugin_manager(*plugins: tuple[str, object]) -> TensafePluginManager:
+    pm = create_plugin_manager(settings=PluginSettings(autoload=False))
+    for name, plugin in plugins:
+        pm.register(plugin, name=name)
+    return pm
+
+
+def test_a_duplicate_name_is_dropped_for_every_plugin_that_registered_it() -> None:
+    pm = lenient_plugin_manager(
+        ("first-plugin", NamedRegistrar("tensafe_register_accountants", "rdp", LinearTestAccountant)),
+        ("second-plugin", NamedRegistrar("tensafe_register_accountants", "rdp", LinearTestAccountant)),
+        ("linear-plugin", LinearAccountantPlugin()),
+    )
+    assert pm.registry.names("accountant") == ["linear-test"]
+    assert isinstance(pm.registry.accountant("linear-test"), LinearTestAccountant)
+    with pytest.raises(DuplicateRegistrationError, match="none of them is used") as info:
+        pm.registry.accountant("rdp")
+    assert "'first-plugin'" in str(info.value) and "'second-plugin'" in str(info.value)
+    assert sorted(f.name for f in pm.load_failures) == ["first-plugin", "second-plugin"]
+    assert {f.stage for f in pm.load_failures} == {"register"}
+
+
+def test_a_bad_class_is_dropped_alone_and_its_name_says_why() -> None:
+    pm = lenient_plugin_manager(
+        ("sloppy", NamedRegistrar("tensafe_register_accountants", "bogus", dict)),
+        ("linear-plugin", LinearAccountantPlugin()),
+    )
+    assert pm.registry.names("accountant") == ["linear-test"]
+    with pytest.raises(InterfaceError, match="'bogus' from plugin 'sloppy' is class dict"):
+        pm.registry.accountant("bogus")
+    [failure] = pm.load_failures
+    assert failure.name == "sloppy" and "not a PrivacyAccountant" in failure.error
+
+
+def test_another_plugins_bad_registration_does_not_shadow_a_good_one() -> None:
+    pm = lenient_plugin_manager(
+        ("sloppy", NamedRegistrar("tensafe_register_accountants", "linear-test", dict)),
+        ("linear-plugin", LinearAccountantPlugin()),
+    )
+    assert isinstance(pm.registry.accountant("linear-test"), LinearTestAccountant)
+    assert [f.name for f in pm.load_failures] == ["sloppy"]
+
+
+def test_a_registration_hook_that_raises_is_dropped_and_others_still_work() -> None:
+    from tensafe_bigram.backend import BigramBackend
+
+    pm = lenient_plugin_manager(
+        ("exploding", ExplodingRegistrar()),
+        ("bigram-plugin", NamedRegistrar("tensafe_register_ml_backends", "bigram", BigramBackend)),
+    )
+    assert pm.registry.names("ml_backend") == ["bigram"]
+    [failure] = pm.load_failures
+    assert failure.name == "exploding"
+    assert "failed in tensafe_register_ml_backends: RuntimeError: boom; it registers nothing" in failure.error
+
+
+def test_failures_are_recorded_once_however_often_the_registry_is_rebuilt() -> None:
+    pm = lenient_plugin_manager(("sloppy", NamedRegistrar("tensafe_register_rewards", "r", 3)))
+    pm.registry.names("reward")
+    pm.register(LinearAccountantPlugin())  # invalidates the registry
+    pm.registry.names("reward")
+    assert len(pm.load_failures) == 1
+
+
+def test_a_factory_that_raises_is_a_tensafe_error_naming_plugin_and_name(
+    tensafe_plugin_manager: TensafePluginManager,
+) -> None:
+    def needs_a_library() -> object:
+        raise ModuleNotFoundError("No module named 'jax'")
+
+    tensafe_plugin_manager.register(
+        NamedRegistrar("tensafe_register_ml_backends", "jax", needs_a_library), name="jax-plugin"
+    )
+    with pytest.raises(PluginFactoryError) as info:
+        tensafe_plugin_manager.registry.ml_backend("jax")
+    assert str(info.value) == (
+        "ML backend 'jax' from plugin 'jax-plugin' could not be created: ModuleNotFoundError: No module named 'jax'"
+    )
+    assert info.value.exit_code == 2

@@ -87,6 +87,12 @@ class InterfaceError(PluginError):
     code = "interface_mismatch"
 
 
+class PluginFactoryError(PluginError):
+    """A registered factory raised (a lazy import that is missing, a constructor that fails)."""
+
+    code = "plugin_factory_failed"
+
+
 class MissingDependencyError(TensafeError):
     """An optional dependency needed for the requested feature is not installed."""
 

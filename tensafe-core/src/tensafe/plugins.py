@@ -8,7 +8,8 @@ Environment switches (each can also be passed as an argument):
 ``TENSAFE_DISABLE_PLUGIN_AUTOLOAD``
     ``1`` loads no entry points at all (tests register plugins by hand).
 ``TENSAFE_STRICT_PLUGINS``
-    ``1`` makes any plugin load failure fatal (CI uses it).
+    ``1`` makes any plugin failure fatal (CI uses it): one that does not
+    import, and one bad registration (see :mod:`tensafe.registry`).
 ``TENSAFE_TRACE_PLUGINS``
     ``1`` writes every hook call and its result to standard error.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import traceback
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -42,13 +44,19 @@ def _env_flag(environ: Mapping[str, str], name: str) -> bool:
 
 @dataclass(frozen=True)
 class LoadFailure:
-    """A plugin that could not be loaded, and why."""
+    """A plugin that could not be loaded, or one of whose registrations was dropped, and why.
+
+    ``stage`` is ``"load"`` when the plugin itself failed (it did not import, or
+    implements an unknown hook) and ``"register"`` when the plugin is loaded but
+    one registration of it was dropped (see :mod:`tensafe.registry`).
+    """
 
     name: str
     distribution: str | None
     version: str | None
     error: str
-    traceback: str = field(repr=False, default="")
+    traceback: str = field(repr=False, default="", compare=False)
+    stage: str = "load"
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "distribution": self.distribution, "version": self.version, "error": self.error}
@@ -86,6 +94,7 @@ class TensafePluginManager(pluggy.PluginManager):
         self.builtin_names: set[str] = set()
         self._distributions: dict[str, tuple[str, str]] = {}
         self._registry: Registry | None = None
+        self._stdout_routed = False
 
     @property
     def registry(self) -> Registry:
@@ -112,6 +121,49 @@ class TensafePluginManager(pluggy.PluginManager):
 
             return "tensafe-core", __version__
         return self._distributions.get(plugin_name, (None, None))
+
+    def describe(self, plugin_name: str) -> str:
+        """``plugin 'x' (tensafe-x 1.0)``: a plugin as error messages name it."""
+        distribution, version = self.distribution_of(plugin_name)
+        where = f" ({distribution} {version})" if distribution else ""
+        return f"plugin {plugin_name!r}{where}"
+
+    def record_registration_failure(self, plugin_name: str, error: str) -> None:
+        """Record that a registration of ``plugin_name`` was dropped (once, however often the registry is rebuilt)."""
+        distribution, version = self.distribution_of(plugin_name)
+        failure = LoadFailure(plugin_name, distribution, version, error, stage="register")
+        if failure not in self.load_failures:
+            self.load_failures.append(failure)
+
+    def route_hook_output_to_stderr(self) -> None:
+        """From now on, whatever a hook implementation writes to ``sys.stdout`` goes to ``sys.stderr``.
+
+        The CLI turns this on so that a plugin that prints cannot corrupt
+        ``--json`` output. Calls may nest and may run in several threads: stdout
+        is swapped when the first hook call starts and restored when the last ends.
+        """
+        if self._stdout_routed:
+            return
+        self._stdout_routed = True
+        lock = threading.Lock()
+        depth = 0
+        saved: Any = None
+
+        def before(hook_name: str, hook_impls: object, kwargs: object) -> None:
+            nonlocal depth, saved
+            with lock:
+                if depth == 0:
+                    saved, sys.stdout = sys.stdout, sys.stderr
+                depth += 1
+
+        def after(outcome: object, hook_name: str, hook_impls: object, kwargs: object) -> None:
+            nonlocal depth, saved
+            with lock:
+                depth -= 1
+                if depth == 0:
+                    sys.stdout, saved = saved, None
+
+        self.add_hookcall_monitoring(before, after)
 
     def _record(self, name: str, exc: BaseException) -> None:
         distribution, version = self._distributions.get(name, (None, None))

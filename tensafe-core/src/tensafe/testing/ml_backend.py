@@ -14,9 +14,24 @@ from tensafe.interfaces import MLBackend
 from tensafe.testing.dp_sgd import DPSGDConformance
 from tensafe.testing.ml_backend_harness import TEXT
 from tensafe.testing.support import requires_capability
-from tensafe.types import Datum, SamplingParams
+from tensafe.types import Datum, ModelInfo, SamplingParams, datum_from_sequence
 
 __all__ = ["TEXT", "MLBackendConformance"]
+
+#: Probability ratios and advantages the policy-loss checks cycle through: inside and outside PPO's clip range,
+#: with advantages of both signs.
+POLICY_RATIOS = (0.5, 0.9, 1.0, 1.1, 1.5, 3.0)
+POLICY_ADVANTAGES = (1.0, -1.0, 2.0, -0.5, 0.0)
+
+
+def _logsumexp(values: list[float]) -> float:
+    top = max(values)
+    return top + math.log(math.fsum(math.exp(v - top) for v in values))
+
+
+def ppo_objective(ratio: float, advantage: float, low: float, high: float) -> float:
+    """PPO's clipped objective of one token: ``min(r A, clip(r, low, high) A)``."""
+    return min(ratio * advantage, min(max(ratio, low), high) * advantage)
 
 
 class MLBackendConformance(DPSGDConformance):
@@ -136,6 +151,121 @@ class MLBackendConformance(DPSGDConformance):
     def test_unknown_loss_is_an_error(self, backend: MLBackend) -> None:
         with pytest.raises(TensafeError):
             backend.forward_backward([self.datum(backend)], "no_such_loss")  # type: ignore[arg-type]
+
+    # -- loss formulas (docs/plugins.md, "Losses") --------------------------------
+
+    def policy_datum(self, backend: MLBackend) -> tuple[Datum, list[float], list[float], list[float]]:
+        """A datum whose sampler logprobs give the current model chosen probability ratios.
+
+        Returns it with its weights, ratios and advantages; the first position
+        has weight 0, like a prompt token.
+        """
+        base = self.datum(backend)
+        model = backend.forward([base], "cross_entropy").loss_fn_outputs[0]["logprobs"]
+        n = len(model)
+        ratios = [POLICY_RATIOS[i % len(POLICY_RATIOS)] for i in range(n)]
+        advantages = [POLICY_ADVANTAGES[i % len(POLICY_ADVANTAGES)] for i in range(n)]
+        weights = [0.0] + [1.0] * (n - 1)
+        sampler = [lp - math.log(r) for lp, r in zip(model, ratios, strict=True)]
+        datum = Datum(
+            model_input=base.model_input,
+            loss_fn_inputs={
+                "target_tokens": base.target_tokens,
+                "weights": weights,
+                "logprobs": sampler,
+                "advantages": advantages,
+            },
+        )
+        return datum, weights, ratios, advantages
+
+    def test_cross_entropy_loss_sums_over_tokens_and_data(self, backend: MLBackend) -> None:
+        first, second = self.datum(backend), self.datum(backend, text="over the lazy dog")
+        halved = Datum(
+            model_input=second.model_input,
+            loss_fn_inputs={"target_tokens": second.target_tokens, "weights": [0.5] * len(second.model_input)},
+        )
+        out = backend.forward([first, halved], "cross_entropy")
+        expected = -sum(
+            w * lp
+            for datum, output in zip([first, halved], out.loss_fn_outputs, strict=True)
+            for w, lp in zip(datum.values("weights"), output["logprobs"], strict=True)
+        )
+        assert out.metrics["loss:sum"] == pytest.approx(expected, rel=1e-4, abs=1e-4)
+
+    @requires_capability(capabilities.POLICY_LOSSES)
+    def test_importance_sampling_loss_is_minus_ratio_times_advantage(self, backend: MLBackend) -> None:
+        datum, weights, ratios, advantages = self.policy_datum(backend)
+        out = backend.forward([datum], "importance_sampling")
+        expected = -sum(w * r * a for w, r, a in zip(weights, ratios, advantages, strict=True))
+        assert out.metrics["loss:sum"] == pytest.approx(expected, rel=1e-4, abs=1e-4), "no clipping in this loss"
+
+    @requires_capability(capabilities.POLICY_LOSSES)
+    @pytest.mark.parametrize("clip", [None, (0.95, 1.05)])
+    def test_ppo_loss_is_the_clipped_objective(self, backend: MLBackend, clip: tuple[float, float] | None) -> None:
+        datum, weights, ratios, advantages = self.policy_datum(backend)
+        low, high = clip or (0.8, 1.2)
+        config = None if clip is None else {"clip_low_threshold": low, "clip_high_threshold": high}
+        out = backend.forward([datum], "ppo", config)
+        expected = -sum(w * ppo_objective(r, a, low, high) for w, r, a in zip(weights, ratios, advantages, strict=True))
+        assert out.metrics["loss:sum"] == pytest.approx(expected, rel=1e-4, abs=1e-4)
+
+    # -- sampling contract (docs/plugins.md, "Sampling") ----------------------------
+
+    def initialized(self) -> tuple[MLBackend, ModelInfo]:
+        backend = self.new_backend()
+        return backend, backend.initialize_model(self.run_config())
+
+    def next_token_logprobs(self, backend: MLBackend, prompt: list[int], vocab_size: int) -> list[float]:
+        """log p(v | prompt) under the model, for every token v, read through ``forward``."""
+        logprobs: list[float] = []
+        for start in range(0, vocab_size, 256):
+            data = [
+                Datum(
+                    model_input=prompt,
+                    loss_fn_inputs={"target_tokens": [*prompt[1:], v], "weights": [0.0] * (len(prompt) - 1) + [1.0]},
+                )
+                for v in range(start, min(start + 256, vocab_size))
+            ]
+            out = backend.forward(data, "cross_entropy")
+            logprobs += [row["logprobs"][-1] for row in out.loss_fn_outputs]
+        return logprobs
+
+    def test_sample_logprobs_are_those_of_the_distribution_sampled_from(self) -> None:
+        backend, info = self.initialized()
+        data = [self.datum(backend)]
+        for _ in range(3):  # away from a uniform start, where every temperature gives the same distribution
+            self.step(backend, data)
+        prompt = backend.encode("the quick")
+        model = self.next_token_logprobs(backend, prompt, info.vocab_size)
+        assert _logsumexp(model) == pytest.approx(0.0, abs=1e-3), "forward's logprobs over the vocabulary sum to 1"
+
+        [greedy] = backend.sample([prompt], SamplingParams(max_tokens=1, temperature=0.0))[0].sequences
+        assert greedy.tokens[0] == max(range(info.vocab_size), key=model.__getitem__)
+        assert greedy.logprobs[0] == pytest.approx(model[greedy.tokens[0]], abs=1e-3), "greedy: the model's logprob"
+        for temperature in (0.5, 2.0):
+            tempered = [m / temperature for m in model]
+            norm = _logsumexp(tempered)
+            params = SamplingParams(max_tokens=1, temperature=temperature)
+            for seq in backend.sample([prompt], params, num_samples=4)[0].sequences:
+                assert seq.logprobs[0] == pytest.approx(tempered[seq.tokens[0]] - norm, abs=1e-3), (
+                    f"at temperature {temperature}, the logprob of the tempered distribution the token was drawn from"
+                )
+
+    def test_sample_includes_eos_in_tokens(self) -> None:
+        backend, info = self.initialized()
+        if info.eos_token_id is None:
+            pytest.skip("the model has no end-of-sequence token")
+        prompt = backend.encode(TEXT)
+        data = [datum_from_sequence([*prompt, info.eos_token_id], prompt_length=len(prompt))]
+        greedy = SamplingParams(max_tokens=4, temperature=0.0)
+        for _ in range(40):  # teach it to end the text: EOS becomes the greedy next token
+            [seq] = backend.sample([prompt], greedy)[0].sequences
+            if seq.tokens[0] == info.eos_token_id:
+                break
+            self.step(backend, data)
+        assert seq.tokens == [info.eos_token_id], "generation stops at EOS, and EOS is the last token returned"
+        assert len(seq.logprobs) == 1 and seq.logprobs[0] <= 1e-6
+        assert seq.stop_reason == "stop"
 
     @requires_capability(capabilities.LORA_DELTA)
     def test_lora_delta_reproduces_the_adapter(self, backend: MLBackend, tmp_path: Path) -> None:
