@@ -20,6 +20,13 @@ STREAMING = "streaming"
 #: conformance suite can check clipping and noise (see docs/plugins.md, "Proving DP-SGD").
 DP_PROBE = "dp_probe"
 
+#: ``MLBackend.forward_backward_canaries`` accumulates crafted per-datum gradients (Dirac canaries), so a
+#: white-box privacy audit can measure what one datum does to the noised gradient (see docs/privacy.md, "Auditing").
+GRADIENT_CANARIES = "gradient_canaries"
+
+#: ``MLBackend.encode_chat`` renders ``{"messages": [...]}`` records with the model's chat template.
+CHAT_TEMPLATE = "chat_template"
+
 #: ``MLBackend.lora_delta`` runs the base model with each LoRA module's delta supplied by a callback.
 LORA_DELTA = "lora_delta"
 
@@ -29,6 +36,8 @@ KNOWN: dict[str, str] = {
     POLICY_LOSSES: "the importance_sampling and ppo losses",
     STREAMING: "streamed generation (sample_stream)",
     DP_PROBE: "the gradient the last DP optim_step applied (noised_gradient), for privacy conformance checks",
+    GRADIENT_CANARIES: "crafted per-datum gradients (forward_backward_canaries), for white-box privacy audits",
+    CHAT_TEMPLATE: "chat records through the model's chat template (encode_chat), trained on assistant turns",
     LORA_DELTA: "base model with LoRA deltas from a callback (read_lora, lora_delta), for HE-LoRA",
 }
 

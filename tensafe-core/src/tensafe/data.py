@@ -6,12 +6,16 @@ import hashlib
 import hmac
 import json
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from tensafe.errors import UsageError
 from tensafe.types import Datum, datum_from_sequence
+
+if TYPE_CHECKING:
+    from tensafe.interfaces import MLBackend
 
 SPLIT_KEY = b"tensafe-held-out-split-1"
 """Keys the hash that decides, per record, whether it is held out (public: the split is not a secret)."""
@@ -28,10 +32,15 @@ class Record:
     prompt: str
     completion: str
     line: int = 0
+    #: A chat record's turns as (role, content); prompt and completion are then empty.
+    messages: tuple[tuple[str, str], ...] = ()
 
     def canonical(self) -> bytes:
         """The record's content as canonical JSON bytes (its line number left out)."""
-        return json.dumps([self.prompt, self.completion], ensure_ascii=False, separators=(",", ":")).encode()
+        content: list[Any] = [self.prompt, self.completion]
+        if self.messages:
+            content.append([list(m) for m in self.messages])
+        return json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def load_records(path: Path, *, max_records: int | None = None) -> list[Record]:
@@ -55,9 +64,32 @@ def load_records(path: Path, *, max_records: int | None = None) -> list[Record]:
     return records
 
 
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def _chat_record(messages: object, where: str, line: int) -> Record:
+    if not isinstance(messages, list) or not messages:
+        raise UsageError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
+    turns = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or set(message) - {"role", "content"}:
+            raise UsageError(f"{where}: messages[{i}] must be an object with 'role' and 'content' only")
+        role, content = message.get("role"), message.get("content")
+        if role not in CHAT_ROLES or not isinstance(content, str):
+            raise UsageError(f"{where}: messages[{i}] needs a role in {CHAT_ROLES} and a string content")
+        turns.append((role, content))
+    if not any(role == "assistant" and content for role, content in turns):
+        raise UsageError(f"{where}: a chat record needs an assistant turn to learn from")
+    return Record("", "", line, tuple(turns))
+
+
 def _record(obj: object, where: str, line: int) -> Record:
     if not isinstance(obj, dict):
         raise UsageError(f"{where}: a record must be a JSON object")
+    if "messages" in obj:
+        if set(obj) != {"messages"}:
+            raise UsageError(f"{where}: a chat record holds 'messages' only")
+        return _chat_record(obj["messages"], where, line)
     if "text" in obj and "completion" not in obj:
         text = obj["text"]
         if not isinstance(text, str) or not text:
@@ -65,7 +97,9 @@ def _record(obj: object, where: str, line: int) -> Record:
         return Record("", text, line)
     prompt, completion = obj.get("prompt", ""), obj.get("completion")
     if not isinstance(prompt, str) or not isinstance(completion, str) or not completion:
-        raise UsageError(f"{where}: expected {{'prompt': str, 'completion': str}} or {{'text': str}}")
+        raise UsageError(
+            f"{where}: expected {{'prompt': str, 'completion': str}}, {{'text': str}} or {{'messages': [...]}}"
+        )
     return Record(prompt, completion, line)
 
 
@@ -108,18 +142,41 @@ def weight_total(data: Sequence[Datum]) -> float:
     return sum(sum(d.values("weights", 1.0)) for d in data)
 
 
-def tokenize_record(
-    record: Record, encode: Callable[[str], list[int]], eos_token_id: int | None, max_len: int
-) -> Datum:
-    """A cross-entropy datum whose prompt tokens carry weight 0, cut to ``max_len`` tokens."""
-    prompt = encode(record.prompt) if record.prompt else []
-    tokens = prompt + encode(record.completion)
+def tokenize_record(record: Record, backend: MLBackend, eos_token_id: int | None, max_len: int) -> Datum:
+    """A cross-entropy datum, cut to ``max_len`` tokens, whose loss counts only what is to be learned.
+
+    Prompt/completion and text records: the completion (and EOS); the prompt's
+    tokens carry weight 0. Chat records: the assistant turns, as the backend's
+    chat template marks them.
+    """
+    if record.messages:
+        return _tokenize_chat(record, backend, max_len)
+    prompt = backend.encode(record.prompt) if record.prompt else []
+    tokens = prompt + backend.encode(record.completion)
     if eos_token_id is not None:
         tokens.append(eos_token_id)
     tokens = tokens[:max_len]
     if len(tokens) - len(prompt) < 1 or len(tokens) < 2:
         raise UsageError(f"a record's prompt fills the whole max_seq_len ({max_len} tokens); raise model.max_seq_len")
     return datum_from_sequence(tokens, prompt_length=len(prompt))
+
+
+def _tokenize_chat(record: Record, backend: MLBackend, max_len: int) -> Datum:
+    from tensafe import capabilities
+
+    if not capabilities.has(backend, capabilities.CHAT_TEMPLATE):
+        raise UsageError(
+            f"line {record.line}: chat records need an ML backend with the 'chat_template' capability; "
+            f"{type(backend).__name__} has none"
+        )
+    tokens, assistant = backend.encode_chat([{"role": role, "content": text} for role, text in record.messages])
+    tokens, assistant = tokens[:max_len], assistant[:max_len]
+    weights = [1.0 if flag else 0.0 for flag in assistant[1:]]
+    if len(tokens) < 2 or not any(weights):
+        raise UsageError(
+            f"line {record.line}: no assistant token within model.max_seq_len ({max_len} tokens); raise it"
+        )
+    return Datum(model_input=list(tokens[:-1]), loss_fn_inputs={"target_tokens": list(tokens[1:]), "weights": weights})
 
 
 class PoissonSampler:

@@ -112,6 +112,17 @@ class MLBackend(abc.ABC):
         """A JSONL dataset shipped with the backend, used when the config names none."""
         return None
 
+    def encode_chat(self, messages: Sequence[Mapping[str, str]]) -> tuple[list[int], list[bool]]:
+        """A conversation rendered with the model's chat template (capability ``chat_template``).
+
+        ``messages`` are ``{"role": "system" | "user" | "assistant", "content": str}``.
+        Returns the token ids and, for each, whether it belongs to an assistant
+        turn: training counts the loss on those tokens only.
+        """
+        from tensafe.errors import BackendError
+
+        raise BackendError(f"{type(self).__name__} does not declare the 'chat_template' capability")
+
     def default_probes(self) -> list[str]:
         """Public prompts (not records) that suit :meth:`default_dataset`, for samples shown before and after."""
         return []
@@ -127,6 +138,19 @@ class MLBackend(abc.ABC):
         from tensafe.errors import BackendError
 
         raise BackendError(f"{type(self).__name__} does not declare the 'dp_probe' capability")
+
+    def forward_backward_canaries(self, coordinates: Sequence[int], norm: float) -> None:
+        """Accumulate Dirac canaries: per coordinate, one datum whose gradient is ``norm`` there and 0 elsewhere.
+
+        Capability ``gradient_canaries``. ``coordinates`` index the trainable
+        parameters in :meth:`noised_gradient`'s order. Each canary is one datum:
+        clipped to ``dp.max_grad_norm`` like any other (its norm is ``norm``) and
+        applied by the next DP ``optim_step``. A white-box privacy audit reads
+        what the noised gradient shows at these coordinates.
+        """
+        from tensafe.errors import BackendError
+
+        raise BackendError(f"{type(self).__name__} does not declare the 'gradient_canaries' capability")
 
     def read_lora(self, directory: Path) -> dict[str, tuple[Any, Any, float]]:
         """``{module name: (A, B, scaling)}`` of an exported adapter, without loading it (capability ``lora_delta``).

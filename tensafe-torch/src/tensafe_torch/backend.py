@@ -99,6 +99,7 @@ class TorchBackend(MLBackend):
             capabilities.POLICY_LOSSES,
             capabilities.STREAMING,
             capabilities.LORA_DELTA,
+            capabilities.CHAT_TEMPLATE,
         }
     )
 
@@ -244,6 +245,12 @@ class TorchBackend(MLBackend):
     def encode(self, text: str) -> list[int]:
         self._require()
         return list(self._tokenizer.encode(text, add_special_tokens=False))
+
+    def encode_chat(self, messages: Sequence[Mapping[str, str]]) -> tuple[list[int], list[bool]]:
+        from tensafe_torch.chat import encode_chat
+
+        self._require()
+        return encode_chat(self._tokenizer, messages)
 
     def decode(self, tokens: Sequence[int]) -> str:
         self._require()

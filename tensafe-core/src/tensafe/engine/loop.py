@@ -100,6 +100,8 @@ def prepare(config: RunConfig, registry: Registry, *, resume_from: Path | None =
     check_packaging(config, registry)
     rl = rl_loop(config, registry, backend)  # rewards resolve before any data is read or sampled
     data = load_run_data(config, backend)
+    if rl is not None and any(r.messages for r in (*data.train, *data.held_out)):
+        raise UsageError("mode: rlvr takes prompt/completion records (the prompt is sampled), not chat records")
     config, privacy = calibrate(config, registry, len(data.train))
     if rl is not None:
         from tensafe.rl.privacy import backend_config, certificate_details
@@ -111,7 +113,7 @@ def prepare(config: RunConfig, registry: Registry, *, resume_from: Path | None =
         info = backend.initialize_model(config)
 
     def tokenize(records: Sequence[Record]) -> list[Datum]:
-        return [tokenize_record(r, backend.encode, info.eos_token_id, config.model.max_seq_len) for r in records]
+        return [tokenize_record(r, backend, info.eos_token_id, config.model.max_seq_len) for r in records]
 
     secure = privacy is not None and config.dp.secure_rng
     rng = random.SystemRandom() if secure or config.training.seed is None else random.Random(config.training.seed)
