@@ -313,13 +313,14 @@ class TorchBackend(MLBackend):
             per_datum = -(t["weights"] * logprobs * mask).sum(dim=1)
         else:
             config = dict(loss_fn_config or {})
-            # Optional weights select the positions that carry policy loss (e.g. 0 on prompt tokens), so
-            # the ratio metrics describe only the sampled tokens.
-            mask = mask * t["weights"]
-            ratio = torch.exp(logprobs - t["sampler_logprobs"]) * mask
+            # Weights scale each position's policy loss (0 on prompt tokens), once; the ratio metrics
+            # describe the positions with weight.
+            weights = mask * t["weights"]
+            mask = (weights != 0).float()
+            ratio = torch.exp(logprobs - t["sampler_logprobs"])
             advantages = t["advantages"]
             if loss_fn == "importance_sampling":
-                per_datum = -(ratio * advantages * mask).sum(dim=1)
+                per_datum = -(ratio * advantages * weights).sum(dim=1)
             else:
                 low = float(config.get("clip_low_threshold", PPO_CLIP[0]))
                 high = float(config.get("clip_high_threshold", PPO_CLIP[1]))
@@ -327,13 +328,13 @@ class TorchBackend(MLBackend):
                     raise BackendError(f"ppo clip thresholds must satisfy 0 < low <= 1 <= high, got {low}, {high}")
                 clipped = torch.clamp(ratio, low, high)
                 objective = torch.minimum(ratio * advantages, clipped * advantages)
-                per_datum = -(objective * mask).sum(dim=1)
+                per_datum = -(objective * weights).sum(dim=1)
                 outside = ((ratio < low) | (ratio > high)).float() * mask
                 metrics["clip_fraction"] = float(outside.sum() / mask.sum().clamp(min=1))
             with torch.no_grad():
                 tokens = mask.sum().clamp(min=1)
                 log_ratio = (logprobs - t["sampler_logprobs"]) * mask
-                metrics["ratio_mean"] = float(ratio.sum() / tokens)
+                metrics["ratio_mean"] = float((ratio * mask).sum() / tokens)
                 metrics["kl_sampler"] = float(((torch.exp(log_ratio) - 1 - log_ratio) * mask).sum() / tokens)
         metrics["loss:sum"] = float(per_datum.detach().sum())
         return per_datum, logprobs, mask, metrics
