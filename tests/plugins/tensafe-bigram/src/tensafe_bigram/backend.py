@@ -128,7 +128,11 @@ PPO_CLIP = (0.8, 1.2)
 def _clip(config: Mapping[str, float] | None) -> tuple[float, float]:
     """The PPO ratio bounds from a loss_fn_config (Tinker's key names)."""
     config = config or {}
-    return float(config.get("clip_low_threshold", PPO_CLIP[0])), float(config.get("clip_high_threshold", PPO_CLIP[1]))
+    low = float(config.get("clip_low_threshold", PPO_CLIP[0]))
+    high = float(config.get("clip_high_threshold", PPO_CLIP[1]))
+    if not 0 < low <= 1 <= high:
+        raise BackendError(f"ppo clip thresholds must satisfy 0 < low <= 1 <= high, got {low}, {high}")
+    return low, high
 
 
 class BigramBackend(MLBackend):
@@ -250,7 +254,11 @@ class BigramBackend(MLBackend):
                 else:
                     # -A r with r = exp(logp - sampler): d/dlogp = -A r, i.e. cross-entropy with weight A r.
                     ratio, advantage = math.exp(logp - sampler[position]), advantages[position]
-                    loss_terms.append(-weight * advantage * min(ratio, max(clip[0], min(clip[1], ratio))))
+                    if loss_fn == "importance_sampling":
+                        loss_terms.append(-weight * ratio * advantage)
+                    else:
+                        bounded = max(clip[0], min(clip[1], ratio))
+                        loss_terms.append(-weight * min(ratio * advantage, bounded * advantage))
                     active = loss_fn == "importance_sampling" or (
                         (advantage >= 0 and ratio <= clip[1]) or (advantage < 0 and ratio >= clip[0])
                     )
