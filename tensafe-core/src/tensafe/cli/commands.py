@@ -44,17 +44,21 @@ def _emit_json(data: Any) -> None:
 
 
 def plugin_listing(pm: Any, *, include_builtin: bool = False, hook: str | None = None) -> list[dict[str, Any]]:
-    """What ``tensafe plugins`` prints: loaded plugins, then those that failed to load."""
+    """What ``tensafe plugins`` prints: one row per plugin, with the errors attributed to it.
+
+    A loaded plugin one of whose registrations was dropped keeps its row, with
+    the reasons in ``error``; a plugin that failed to load has a row of its own.
+    """
     from tensafe.registry import KINDS
 
     provides: dict[str, dict[str, list[str]]] = {}
-    problems: list[str] = []
     for kind in KINDS:
-        try:
-            for reg in pm.registry.registrations(kind):
-                provides.setdefault(reg.plugin, {}).setdefault(kind, []).append(reg.name)
-        except TensafeError as exc:
-            problems.append(str(exc))
+        for reg in pm.registry.registrations(kind):
+            provides.setdefault(reg.plugin, {}).setdefault(kind, []).append(reg.name)
+    dropped: dict[str, list[str]] = {}
+    for failure in pm.load_failures:
+        if failure.stage == "register":
+            dropped.setdefault(failure.name, []).append(failure.error)
     rows: list[dict[str, Any]] = []
     for name, plugin in sorted(pm.list_name_plugin(), key=lambda item: item[0]):
         if plugin is None or (name in pm.builtin_names and not include_builtin):
@@ -63,6 +67,7 @@ def plugin_listing(pm: Any, *, include_builtin: bool = False, hook: str | None =
         if hook is not None and hook not in hooks:
             continue
         distribution, version = pm.distribution_of(name)
+        errors = dropped.get(name)
         rows.append(
             {
                 "name": name,
@@ -70,16 +75,12 @@ def plugin_listing(pm: Any, *, include_builtin: bool = False, hook: str | None =
                 "version": version,
                 "hooks": hooks,
                 "provides": provides.get(name, {}),
-                "error": None,
+                "error": "; ".join(errors) if errors else None,
             }
         )
     for failure in pm.load_failures:
-        if hook is None:
+        if hook is None and failure.stage == "load":
             rows.append({**failure.to_dict(), "hooks": [], "provides": {}})
-    for problem in problems:
-        rows.append(
-            {"name": None, "distribution": None, "version": None, "hooks": [], "provides": {}, "error": problem}
-        )
     return rows
 
 
