@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from tensafe.cli.context import plugin_manager
-from tensafe.errors import TensafeError, UsageError
+from tensafe.errors import UsageError
 from tensafe.hookspecs import hookimpl
 
 CONFIG_ARG = click.argument("config_file", metavar="[CONFIG]", required=False, type=click.Path(path_type=Path))
