@@ -96,7 +96,8 @@ def tensafe_register_tgsp_loaders(register: Register) -> None:
 def tensafe_register_rewards(register: Register) -> None:
     """Register reward functions for reinforcement learning with verifiable rewards.
 
-    :param register: ``register(name, factory)``; ``factory()`` returns a
+    :param register: ``register(name, factory)``; ``factory(**options)`` is
+        called with the config term's ``options`` (none by default) and returns a
         :class:`tensafe.interfaces.RewardFunction`.
     :returns: nothing; results are ignored.
 

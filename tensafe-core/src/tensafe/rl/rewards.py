@@ -177,6 +177,10 @@ def resolve_term(registry: Registry, term: RewardTerm) -> RewardFunction:
         raise
     except TypeError as exc:
         raise ConfigError(f"rl.rewards: reward {term.name!r} rejected its options {term.options}: {exc}") from None
+    except Exception as exc:  # third-party code: any failure is reported as the reward's, never a traceback
+        raise ConfigError(
+            f"rl.rewards: reward {term.name!r} from {origin} could not be created: {type(exc).__name__}: {exc}"
+        ) from None
     if not isinstance(obj, RewardFunction):
         raise ConfigError(f"rl.rewards: {term.name!r} from {origin} is not callable as a reward function")
     return obj
