@@ -188,3 +188,40 @@ def test_the_rlvr_example_names_public_probes_in_its_data_format() -> None:
         match = re.fullmatch(r"Record (\d+)\. Name: (\w+) (\w+)\. Born: \d{4}\. Country: \w+\. City:", probe)
         assert match, probe
         assert match.group(1) not in numbers and not {match.group(2), match.group(3)} & names, "an invented person"
+
+
+def test_a_hub_id_offline_fails_at_once_with_what_to_do() -> None:
+    import subprocess
+    import sys
+    import time
+
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "tensafe.cli.main", "inference", "--model", "acme/not-cached-7b", "-p", "hi"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "not a local directory nor in the Hugging Face cache" in result.stderr and "--model DIR" in result.stderr
+    assert "Traceback" not in result.stderr and time.monotonic() - started < 60
+
+
+def test_loading_opacus_adds_no_root_log_handler() -> None:
+    import subprocess
+    import sys
+
+    script = (
+        "import logging\n"
+        "from tensafe.config import RunConfig\n"
+        "from tensafe.testing import fresh_plugin_manager\n"
+        "before = list(logging.getLogger().handlers)\n"
+        "backend = fresh_plugin_manager(autoload=True).registry.ml_backend('torch')\n"
+        "backend.initialize_model(RunConfig.model_validate({'dp': {'noise_multiplier': 1.0}}))\n"
+        "assert logging.getLogger().handlers == before, logging.getLogger().handlers\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]

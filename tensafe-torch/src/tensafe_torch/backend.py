@@ -73,6 +73,49 @@ def _quiet_peft() -> Iterator[None]:
         yield
 
 
+def _import_opacus_quietly() -> None:
+    """Import Opacus without the root log handler its ``logging.basicConfig`` adds.
+
+    That handler would print every library's log lines (Hugging Face's included)
+    a second time.
+    """
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    import opacus  # noqa: F401
+
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
+
+
+def _require_hub(model_id: str) -> None:
+    """Fail at once, not after minutes of retries, when a hub model can neither be found locally nor fetched."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(model_id, "config.json"), str):
+        return  # in the local Hugging Face cache: loads offline
+    advice = "pass a local model directory (--model DIR or model.path)"
+    if constants.HF_HUB_OFFLINE:
+        raise UsageError(
+            f"model {model_id!r} is not a local directory nor in the Hugging Face cache, and the hub is "
+            f"switched off (HF_HUB_OFFLINE); {advice}"
+        )
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError as exc:
+        raise UsageError(
+            f"model {model_id!r} is not a local directory nor in the Hugging Face cache, and the hub ({host}) "
+            f"cannot be reached ({exc}); {advice}"
+        ) from None
+
+
 def _resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -126,6 +169,8 @@ class TorchBackend(MLBackend):
         is_local = local.exists() or source.startswith((".", "/", "~"))
         if is_local and not (local / "config.json").is_file():
             raise UsageError(f"model path {source!r} is not a model directory (no config.json)")
+        if not is_local:
+            _require_hub(source)
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(local) if is_local else source, local_files_only=is_local)
             model = AutoModelForCausalLM.from_pretrained(
@@ -209,6 +254,7 @@ class TorchBackend(MLBackend):
         self._noised_gradient: torch.Tensor | None = None
         self._forward_module: Any = model
         if cfg.dp.enabled:
+            _import_opacus_quietly()
             from opacus import GradSampleModule
 
             from tensafe_torch.noise import StepKeyedDPOptimizer
