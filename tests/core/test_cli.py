@@ -26,13 +26,13 @@ def write_config(tmp_path: Path, dataset: Path, steps: int = 15) -> Path:
 def test_run_with_only_core_backends_says_what_to_install() -> None:
     result = run_cli("run", env={"TENSAFE_LOAD_PLUGINS": ""})
     assert result.returncode == 2
-    assert "no ML backend 'torch' installed; pip install tensafe-torch" in result.stderr
+    assert "no ML backend 'torch' installed; python -m pip install ./tensafe-torch" in result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_serve_without_a_backend_says_what_to_install() -> None:
     result = run_cli("serve", env={"TENSAFE_LOAD_PLUGINS": ""})
-    assert result.returncode == 2 and "pip install tensafe-torch" in result.stderr
+    assert result.returncode == 2 and "pip install ./tensafe-torch" in result.stderr
 
 
 def test_a_third_party_backend_is_selected_by_name_through_a_config(qa_dataset: Path, tmp_path: Path) -> None:

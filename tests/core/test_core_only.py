@@ -23,13 +23,16 @@ def tensafe(*args: str) -> subprocess.CompletedProcess[str]:
 def test_run_exits_2_naming_the_distribution_to_install() -> None:
     result = tensafe("run")
     assert result.returncode == 2
-    expected = "error: no ML backend 'torch' installed; pip install tensafe-torch (available: none)"
+    expected = (
+        "error: no ML backend 'torch' installed; python -m pip install ./tensafe-torch (from a TenSafe checkout) "
+        "(available: none)"
+    )
     assert result.stderr.strip() == expected
 
 
 def test_inference_without_backend_names_the_distribution() -> None:
     result = tensafe("inference", "-p", "hello")
-    assert result.returncode == 2 and "pip install tensafe-torch" in result.stderr
+    assert result.returncode == 2 and "pip install ./tensafe-torch" in result.stderr
 
 
 def test_plugins_lists_nothing_but_builtins() -> None:

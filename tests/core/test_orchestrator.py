@@ -153,7 +153,7 @@ def test_dp_on_a_backend_without_dp_sgd_is_refused(qa_dataset: Path, tmp_path: P
 def test_missing_accountant_says_what_to_install(qa_dataset: Path, tmp_path: Path) -> None:
     pm = create_plugin_manager(settings=PluginSettings(allowlist=frozenset({"bigram"}), strict=True))
     config = config_for(qa_dataset, tmp_path, dp={"accountant": "rdp", "noise_multiplier": 1.0})
-    with pytest.raises(NotInstalledError, match="pip install tensafe-privacy"):
+    with pytest.raises(NotInstalledError, match="pip install ./tensafe-privacy"):
         TenSafeOrchestrator(config, plugin_manager=pm).prepare()
 
 

@@ -51,7 +51,7 @@ def test_unknown_name_lists_available_and_what_to_install(
         tensafe_plugin_manager.registry.accountant("pld")
     message = str(info.value)
     assert "no privacy accountant 'pld' installed" in message
-    assert "pip install tensafe-privacy" in message
+    assert "pip install ./tensafe-privacy" in message
     assert "linear-test" in message
     assert info.value.exit_code == 2
 
@@ -133,7 +133,7 @@ def test_tgsp_loaders_register_and_resolve(tensafe_plugin_manager: TensafePlugin
     package = tmp_path / "p.json"
     package.write_text('{"package_id": "abc"}')
     assert tensafe_plugin_manager.registry.tgsp_loader("json").inspect(package) == {"package_id": "abc"}
-    with pytest.raises(NotInstalledError, match="pip install tensafe-tgsp"):
+    with pytest.raises(NotInstalledError, match="pip install ./tensafe-tgsp"):
         tensafe_plugin_manager.registry.tgsp_loader("tgsp")
 
 

@@ -40,7 +40,7 @@ def test_help_and_the_server_commands_import_nothing_heavy() -> None:
 
 def test_the_remote_client_without_httpx_says_what_to_install() -> None:
     result = subprocess.run([sys.executable, "-c", NO_HTTPX], capture_output=True, text=True, check=True)
-    assert "pip install 'tensafe-core[client]'" in result.stdout
+    assert "python -m pip install './tensafe-core[client]'" in result.stdout
 
 
 def test_sdk_names_are_importable_from_tensafe_lazily() -> None:

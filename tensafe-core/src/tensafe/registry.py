@@ -229,7 +229,8 @@ class Registry:
             if failed:
                 message += f"; {install} is installed but failed to load: {failed[0].error}"
             else:
-                message += f"; pip install {install}"
+                # Not on a package index yet: the distribution installs from its folder in a TenSafe checkout.
+                message += f"; python -m pip install ./{install} (from a TenSafe checkout)"
         message += f" (available: {', '.join(available) if available else 'none'})"
         raise NotInstalledError(message, kind=kind, name=name, available=available, install=install)
 

@@ -447,7 +447,7 @@ def _service(ctx: click.Context, data_dir: Path, database: str | None, *, create
 def serve_cmd(ctx: click.Context, host: str, port: int, data_dir: Path, database: str | None) -> None:
     """Serve the training and inference HTTP API (/api/v1/training, /api/v1/inference, /docs).
 
-    Needs the server extra (pip install 'tensafe-core[server]') and an ML
+    Needs the server extra (python -m pip install './tensafe-core[server]') and an ML
     backend (tensafe-torch). Create API keys with `tensafe keys create`.
     """
     from tensafe.config import RunConfig

@@ -2,7 +2,7 @@
 
 In-process (``TenSafeClient()``) it needs only the backends; against a server
 (``TenSafeClient(base_url, api_key)``) it needs httpx
-(``pip install 'tensafe-core[client]'``), imported only then.
+(``python -m pip install './tensafe-core[client]'``), imported only then.
 """
 
 from __future__ import annotations

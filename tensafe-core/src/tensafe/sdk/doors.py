@@ -173,7 +173,8 @@ class RemoteDoor:
             import httpx
         except ImportError:
             raise MissingDependencyError(
-                "talking to a TenSafe server needs httpx; install it with: pip install 'tensafe-core[client]'"
+                "talking to a TenSafe server needs httpx; install it with: "
+                "python -m pip install './tensafe-core[client]'"
             ) from None
         self._httpx = httpx
         if transport is None:

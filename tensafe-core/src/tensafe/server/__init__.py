@@ -1,6 +1,6 @@
 """The TenSafe HTTP server (``tensafe serve``): sessions over the orchestrator, for many tenants.
 
-Needs the server extra: ``pip install 'tensafe-core[server]'``. State lives in a
+Needs the server extra: ``python -m pip install './tensafe-core[server]'``. State lives in a
 relational database through SQLAlchemy (SQLite in the data directory by default,
 PostgreSQL by URL); artifacts live on disk, encrypted with per-tenant keys that
 a master key wraps. Importing this package imports none of its dependencies.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from tensafe.errors import MissingDependencyError
 
-SERVER_EXTRA = "pip install 'tensafe-core[server]'"
+SERVER_EXTRA = "python -m pip install './tensafe-core[server]'"
 
 
 def require(module: str) -> None:

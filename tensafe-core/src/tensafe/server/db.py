@@ -144,7 +144,7 @@ def open_database(url: str) -> tuple[Engine, sessionmaker[Any]]:
     except (ArgumentError, NoSuchModuleError, ImportError) as exc:
         raise ConfigError(
             f"database URL not usable ({exc}); give sqlite:///PATH or postgresql://USER:PASSWORD@HOST/DB "
-            "(PostgreSQL needs pip install 'tensafe-core[postgres]')"
+            "(PostgreSQL needs python -m pip install './tensafe-core[postgres]')"
         ) from None
     try:
         Base.metadata.create_all(engine)

@@ -34,7 +34,8 @@ def _dp_accounting_pld() -> Any:
         from dp_accounting.pld import privacy_loss_distribution  # type: ignore[import-untyped]
     except ImportError:
         pytest.fail(
-            "the accountant conformance checks compare with Google's dp-accounting: pip install 'tensafe-core[testing]'"
+            "the accountant conformance checks compare with Google's dp-accounting: "
+            "python -m pip install './tensafe-core[testing]'"
         )
     return privacy_loss_distribution
 
