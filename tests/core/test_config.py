@@ -148,3 +148,14 @@ def test_show_prints_each_fields_description_and_default(tmp_path: Path) -> None
     assert "#     poly_modulus_degree: 8192" in lines, "an unset section shows its settings, commented out"
     as_json = run_cli("config", "show", str(path), "--format", "json")
     assert yaml.safe_load(result.stdout) == json.loads(as_json.stdout), "the comments leave the YAML's values alone"
+
+
+def test_a_relative_model_path_resolves_next_to_the_config_file_and_a_hub_id_stays(tmp_path: Path) -> None:
+    from tensafe.config import load_config
+
+    (tmp_path / "models" / "mine").mkdir(parents=True)
+    config = tmp_path / "run.yaml"
+    config.write_text("model: {path: models/mine}\n")
+    assert load_config(config).model.path == str(tmp_path / "models" / "mine")
+    config.write_text("model: {path: acme/llama-7b}\n")
+    assert load_config(config).model.path == "acme/llama-7b"

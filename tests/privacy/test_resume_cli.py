@@ -71,3 +71,10 @@ def test_resume_from_a_directory_without_a_checkpoint_is_refused(qa_dataset: Pat
     (tmp_path / "empty").mkdir()
     result = run_cli("train", str(write_config(tmp_path, qa_dataset)), "--resume", str(tmp_path / "empty"))
     assert result.returncode == 2 and "no checkpoint there" in result.stderr
+
+
+def test_a_dp_run_whose_batch_covers_every_record_is_warned_about(qa_dataset: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path, qa_dataset, batch_size=64)
+    result = run_cli("train", str(config), "--run-name", "q1", "--steps", "2")
+    assert result.returncode == 0, result.stderr
+    assert "q = 64/36 = 1" in result.stderr and "no privacy amplification" in result.stderr
