@@ -51,6 +51,9 @@ def test_default_run_learns_privately_and_reports(tmp_path: Path) -> None:
     assert privacy["randomness"].startswith("os-csprng") and not privacy["reproducible_noise"]
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     assert (run_dir / "checkpoint" / "progress.json").is_file()
+    assert (run_dir / "report.html").is_file() and (run_dir / "metrics.jsonl").is_file()
+    assert report["device"] == "cpu" or report["device"].startswith("cuda"), "the report says where it ran"
+    assert "DP-SGD: noise multiplier" in result.stderr and "300 steps planned" in result.stderr
     text = (run_dir / "report.txt").read_text()
     assert "held-out loss:" in text and "epsilon by step:" in text
     assert "training" in result.stderr, "progress bar"
