@@ -78,3 +78,13 @@ def test_a_dp_run_whose_batch_covers_every_record_is_warned_about(qa_dataset: Pa
     result = run_cli("train", str(config), "--run-name", "q1", "--steps", "2")
     assert result.returncode == 0, result.stderr
     assert "q = 64/36 = 1" in result.stderr and "no privacy amplification" in result.stderr
+
+
+def test_a_seeded_dp_run_says_it_is_not_private_as_it_starts(qa_dataset: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path, qa_dataset)
+    result = run_cli(
+        "train", str(config), "--run-name", "s", "--steps", "2", env={"TENSAFE_CONFIG__DP__SECURE_RNG": "false"}
+    )
+    assert result.returncode == 0, result.stderr
+    assert "reproducible and NOT private" in result.stderr
+    assert "NOT private" in (tmp_path / "runs" / "s" / "report.txt").read_text()

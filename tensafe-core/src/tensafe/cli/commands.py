@@ -201,6 +201,8 @@ def _announce(run: Any) -> None:
         f"{budget} at delta {privacy.delta:.3g} ({privacy.accountant_name})",
         err=True,
     )
+    if not privacy.secure_rng:
+        click.echo("warning: dp.secure_rng is false: the noise is seeded, reproducible and NOT private", err=True)
     if privacy.sampling_rate >= 1.0:
         click.echo(
             f"warning: training.batch_size ({cfg.training.batch_size}) >= records ({n}): every step uses every "
