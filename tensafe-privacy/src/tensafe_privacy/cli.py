@@ -17,6 +17,7 @@ import click
 
 from tensafe.cli.context import plugin_manager
 from tensafe.errors import PluginError, TensafeError, UsageError
+from tensafe_privacy.audit_cli import audit_cmd
 
 if TYPE_CHECKING:
     from tensafe.interfaces import PrivacyAccountant
@@ -314,3 +315,6 @@ def plan_cmd(
             f"(epsilon {_within(reached, epsilon)} {where})"
         )
     _emit(as_json, data, text)
+
+
+privacy.add_command(audit_cmd)

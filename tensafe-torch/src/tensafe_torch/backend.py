@@ -13,13 +13,17 @@ Gaussian noise of standard deviation ``noise_multiplier * max_grad_norm`` once
 the real one random) and steps AdamW. Physical micro-batches therefore never
 change the result, only the memory used. An empty batch still gets its noise.
 The noise of each step comes from a source keyed for that step alone and is
-never part of a saved state (see :mod:`tensafe_torch.noise`).
+never part of a saved state (see :mod:`tensafe_torch.noise`). Gradient canaries
+for white-box privacy audits (``forward_backward_canaries``) go through the
+same ``clip_and_accumulate`` as every datum.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import inspect
+import itertools
 import json
 import math
 import secrets
@@ -57,6 +61,8 @@ STATE_MAGIC = b"TENSAFE-TORCH-STATE\x01"
 # Public prompts in the default dataset's format, with invented names and record numbers found in no record.
 DEFAULT_PROBES = assets.HERE / "default_probes.json"
 DEFAULT_MAX_TOKENS = 64
+#: Most per-sample gradient elements that gradient canaries hold at once (chunks of canaries x parameters).
+CANARY_CHUNK_ELEMENTS = 1 << 22
 PPO_CLIP = (0.8, 1.2)
 
 ATTENTION_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "c_attn", "query", "key", "value", "out_proj")
@@ -138,6 +144,7 @@ class TorchBackend(MLBackend):
         {
             capabilities.DP_SGD,
             capabilities.DP_PROBE,
+            capabilities.GRADIENT_CANARIES,
             capabilities.SEEDED_SAMPLING,
             capabilities.POLICY_LOSSES,
             capabilities.STREAMING,
@@ -431,6 +438,37 @@ class TorchBackend(MLBackend):
                 param.grad_sample = None
                 param.grad = None
         return self._output(loss_fn, logprobs, data, metrics)
+
+    def forward_backward_canaries(self, coordinates: Sequence[int], norm: float) -> None:
+        """Accumulate Dirac canaries as per-sample gradients, clipped by Opacus like any datum's."""
+        self._require()
+        if self._dp is None:
+            raise BackendError("gradient canaries need DP-SGD: this backend was initialised with dp.enabled false")
+        if not (math.isfinite(norm) and norm > 0):
+            raise BackendError(f"a canary's norm must be a positive finite number, got {norm}")
+        sizes = [p.numel() for p in self._params]
+        offsets = [0, *itertools.accumulate(sizes)]
+        bad = [c for c in coordinates if not 0 <= c < offsets[-1]]
+        if bad:
+            raise BackendError(f"canary coordinate {bad[0]} is outside the {offsets[-1]} trainable parameters")
+        if self._pending_reset:
+            self._clear_gradients()
+        # Per-sample gradients of a chunk of canaries at a time, to bound their memory.
+        chunk = max(1, CANARY_CHUNK_ELEMENTS // offsets[-1])
+        for start in range(0, len(coordinates), chunk):
+            batch = coordinates[start : start + chunk]
+            samples = [
+                torch.zeros((len(batch), size), dtype=p.dtype, device=p.device)
+                for p, size in zip(self._params, sizes, strict=True)
+            ]
+            for row, coordinate in enumerate(batch):
+                index = bisect.bisect_right(offsets, coordinate) - 1
+                samples[index][row, coordinate - offsets[index]] = norm
+            for param, sample in zip(self._params, samples, strict=True):
+                param.grad_sample = sample.view(len(batch), *param.shape)
+            self._dp.clip_and_accumulate()
+            for param in self._params:
+                param.grad_sample = None
 
     # -- optimizer -------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tensafe.errors import PrivacyBudgetExceeded, UsageError
 
@@ -54,6 +54,60 @@ class ProtectedSet(BaseModel):
     source: str | None = Field(None, description="The data file the records came from.")
 
 
+#: An audit's verdicts: its lower bound is at most the claimed epsilon, or above it.
+AUDIT_CONSISTENT = "consistent"
+AUDIT_VIOLATION = "VIOLATION: lower bound exceeds the claimed epsilon"
+AuditVerdict = Literal["consistent", "VIOLATION: lower bound exceeds the claimed epsilon"]
+#: black-box: canary records scored by their loss; white-box: gradient canaries read from every step's noised gradient.
+AuditMode = Literal["black-box", "white-box"]
+
+
+class AuditSummary(BaseModel):
+    """An empirical privacy audit: a lower bound on epsilon measured from one training run with canaries.
+
+    The one-run audit of Steinke, Nasr and Jagielski (NeurIPS 2023), run by
+    ``tensafe privacy audit`` (:mod:`tensafe.auditing`) on a copy of a run's
+    settings. An (epsilon, delta)-DP implementation yields a lower bound above
+    its epsilon with probability at most ``1 - confidence``; the verdict says
+    whether this one did.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: AuditMode = Field(
+        description="black-box: canary records scored by their loss; white-box: gradient canaries read from the "
+        "noised gradient of every step."
+    )
+    accountant: str = Field(min_length=1, description="Accountant of the audit run, which claimed the epsilon.")
+    claimed_epsilon: float = Field(ge=0, description="Epsilon the audit run's accountant charged, at delta.")
+    delta: float = Field(ge=0, le=1, description="delta of the claim and of the lower bound.")
+    steps: int = Field(ge=0, description="Steps of the audit run.")
+    epsilon_lower_bound: float = Field(ge=0, description="Empirical lower bound on epsilon at delta.")
+    confidence: float = Field(gt=0, lt=1, description="Probability with which the lower bound holds.")
+    canaries: int = Field(ge=1, description="m: canaries, each included independently with probability 1/2.")
+    guesses: int = Field(ge=0, description="k: canaries whose membership was guessed; the rest were abstained on.")
+    correct: int = Field(ge=0, description="Guesses that were right.")
+    ceiling: float = Field(ge=0, description="The bound had all m canaries been guessed right: the most m certify.")
+    guesses_ceiling: float = Field(ge=0, description="The bound had all k guesses been right.")
+    verdict: AuditVerdict = Field(description="Whether the lower bound exceeds the claimed epsilon.")
+
+    @field_validator("claimed_epsilon", "delta", "epsilon_lower_bound", "ceiling", "guesses_ceiling")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AuditSummary:
+        if not self.correct <= self.guesses <= self.canaries:
+            raise ValueError("need correct <= guesses <= canaries")
+        violated = self.epsilon_lower_bound > self.claimed_epsilon
+        if (self.verdict == AUDIT_VIOLATION) != violated:
+            raise ValueError(f"verdict {self.verdict!r} contradicts the lower bound and the claimed epsilon")
+        return self
+
+
 class PrivacyCertificate(BaseModel):
     """What a DP-trained adapter's privacy guarantee is, and what lies outside it.
 
@@ -86,6 +140,9 @@ class PrivacyCertificate(BaseModel):
         default_factory=list, description="Every release of the run that the guarantee does not cover."
     )
     audit_chain_head: str | None = Field(None, description="Head of the audit chain the spend was recorded in.")
+    audited: AuditSummary | None = Field(
+        None, description="An empirical privacy audit of the run's settings (tensafe privacy audit --run-dir)."
+    )
 
     @field_validator("epsilon", "delta", "target_epsilon", "sampling_rate", "noise_multiplier", "max_grad_norm")
     @classmethod

@@ -12,18 +12,21 @@ Each mixin looks its object up by name through a freshly built plugin manager
 those for every capability the object declares (see :mod:`tensafe.capabilities`).
 Override the ``run_config`` / ``adam_params`` methods (``dp_run_config`` for
 the DP-SGD checks) when your backend needs other settings. Requires pytest and
-dp-accounting (``pip install tensafe-core[testing]``).
+dp-accounting (``python -m pip install './tensafe-core[testing]'``).
 
 The suite checks privacy, not only shapes: an ML backend declaring ``dp_sgd``
 must clip, noise and seed as DP-SGD requires (:class:`DPSGDConformance`, which
-:class:`MLBackendConformance` includes), and an accountant must never report
-less than a reference lower bound (:class:`PrivacyAccountantConformance`).
+:class:`MLBackendConformance` includes) and, when it declares
+``gradient_canaries``, pass a white-box privacy audit (:class:`DPAuditConformance`);
+an accountant must never report less than a reference lower bound
+(:class:`PrivacyAccountantConformance`).
 See docs/plugins.md, "Proving DP-SGD".
 """
 
 from __future__ import annotations
 
 from tensafe.testing.accountant import PrivacyAccountantConformance
+from tensafe.testing.dp_audit import DPAuditConformance
 from tensafe.testing.dp_sgd import DPSGDConformance
 from tensafe.testing.he_backend import HEBackendConformance
 from tensafe.testing.ml_backend import MLBackendConformance
@@ -31,6 +34,7 @@ from tensafe.testing.support import fresh_plugin_manager, requires_capability
 from tensafe.testing.tgsp_loader import TGSPLoaderConformance
 
 __all__ = [
+    "DPAuditConformance",
     "DPSGDConformance",
     "HEBackendConformance",
     "MLBackendConformance",

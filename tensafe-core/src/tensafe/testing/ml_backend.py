@@ -11,7 +11,7 @@ import pytest
 from tensafe import capabilities
 from tensafe.errors import TensafeError
 from tensafe.interfaces import MLBackend
-from tensafe.testing.dp_sgd import DPSGDConformance
+from tensafe.testing.dp_audit import DPAuditConformance
 from tensafe.testing.ml_backend_harness import TEXT
 from tensafe.testing.support import requires_capability
 from tensafe.types import Datum, ModelInfo, SamplingParams, datum_from_sequence
@@ -34,11 +34,12 @@ def ppo_objective(ratio: float, advantage: float, low: float, high: float) -> fl
     return min(ratio * advantage, min(max(ratio, low), high) * advantage)
 
 
-class MLBackendConformance(DPSGDConformance):
+class MLBackendConformance(DPAuditConformance):
     """Subclass with ``backend_name = "..."`` to test a registered ML backend.
 
-    The DP-SGD checks of :class:`~tensafe.testing.DPSGDConformance` are included;
-    they run for backends that declare ``dp_sgd``.
+    The DP-SGD checks of :class:`~tensafe.testing.DPSGDConformance` and the
+    white-box audit of :class:`~tensafe.testing.DPAuditConformance` are
+    included; they run for backends that declare ``dp_sgd``.
     """
 
     # -- the contract -------------------------------------------------------------

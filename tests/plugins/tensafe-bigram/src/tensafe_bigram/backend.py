@@ -20,7 +20,9 @@ under ``dp.secure_rng``; otherwise, for reproducible research runs, from a
 generator seeded by ``(training.seed, step)``. Either way no generator state is
 saved: a saved state cannot regenerate any noise, and a run resumed under
 ``secure_rng`` draws fresh noise. ``noised_gradient`` returns the gradient the
-last DP step applied (capability ``dp_probe``) for the conformance suite.
+last DP step applied (capability ``dp_probe``) for the conformance suite, and
+``forward_backward_canaries`` accumulates Dirac gradient canaries (capability
+``gradient_canaries``) for white-box privacy audits.
 """
 
 from __future__ import annotations
@@ -139,7 +141,13 @@ class BigramBackend(MLBackend):
     """A trainable byte-level bigram language model (pure Python, standard library only)."""
 
     capabilities: ClassVar[frozenset[str]] = frozenset(
-        {capabilities.DP_SGD, capabilities.DP_PROBE, capabilities.SEEDED_SAMPLING, capabilities.POLICY_LOSSES}
+        {
+            capabilities.DP_SGD,
+            capabilities.DP_PROBE,
+            capabilities.GRADIENT_CANARIES,
+            capabilities.SEEDED_SAMPLING,
+            capabilities.POLICY_LOSSES,
+        }
     )
 
     def __init__(self) -> None:
@@ -298,6 +306,20 @@ class BigramBackend(MLBackend):
         output, grads = self._run(data, True, loss_fn, _clip(loss_fn_config))
         self._pending.extend(grads)
         return output
+
+    def forward_backward_canaries(self, coordinates: Sequence[int], norm: float) -> None:
+        """Accumulate one datum per coordinate (row-major over the table) whose gradient is ``norm`` there."""
+        self._require_config("forward_backward_canaries")
+        if not (math.isfinite(norm) and norm > 0.0):
+            raise BackendError(f"bigram backend: a canary's norm must be a positive finite number, got {norm}")
+        for coordinate in coordinates:
+            if not 0 <= coordinate < TABLE_SIZE:
+                raise BackendError(f"bigram backend: canary coordinate {coordinate} is outside [0, {TABLE_SIZE})")
+        for coordinate in coordinates:
+            row, column = divmod(coordinate, VOCAB_SIZE)
+            gradient = [0.0] * VOCAB_SIZE
+            gradient[column] = norm
+            self._pending.append({row: gradient})
 
     # ------------------------------------------------------------------
     # Optimizer
