@@ -71,7 +71,7 @@ def test_verify_and_inspect_state_what_a_session_certificate_says(
         assert f"privacy unit       {PRIVACY_UNIT_SESSION}" in text
         assert f"sampling           {SAMPLING_DECLARED}" in text
         assert f"randomness         {RANDOMNESS_SECURE}" in text
-        assert "protected set      400 records from train.jsonl, sha256 0123456789abcdef..." in text
+        assert f"protected set      400 records from train.jsonl, digest {DIGEST[:28]}..." in text
         for item in (*CALLER_DUTIES, *SESSION_CERTIFICATE["outside_guarantee"]):
             assert f"    - {item}" in text
         assert NOT_PRIVATE not in text and "not stated" not in text
@@ -80,6 +80,31 @@ def test_verify_and_inspect_state_what_a_session_certificate_says(
     assert statement["not_stated"] == [] and statement["warnings"] == []
     assert statement["mode"] == "session" and statement["caller_duties"] == list(CALLER_DUTIES)
     assert statement["protected_set"]["records"] == 400 and statement["reproducible_noise"] is False
+
+
+def test_an_audited_certificate_shows_the_audit_and_its_verdict(
+    tmp_path: Path, producer: Party, customer: Party
+) -> None:
+    audited = {
+        "mode": "white-box",
+        "accountant": "rdp",
+        "claimed_epsilon": 8.0,
+        "delta": 1e-5,
+        "steps": 300,
+        "epsilon_lower_bound": 2.06,
+        "confidence": 0.95,
+        "canaries": 1000,
+        "guesses": 200,
+        "correct": 185,
+        "ceiling": 5.62,
+        "guesses_ceiling": 4.0,
+        "verdict": "consistent",
+    }
+    package = _package(tmp_path, producer, customer, {**SESSION_CERTIFICATE, "audited": audited})
+    verified, inspected, _ = _shown(package, producer)
+    for text in (verified, inspected):
+        assert "privacy audit (white-box, one run, Steinke-Nasr-Jagielski): epsilon >= 2.0600" in text
+        assert "right 185" in text and "verdict: consistent" in text
 
 
 @pytest.mark.parametrize(

@@ -152,10 +152,15 @@ def _privacy_lines(manifest: dict[str, Any]) -> list[str]:
     protected = statement["protected_set"]
     if protected is not None:
         source = f" from {protected['source']}" if protected.get("source") else ""
-        protected = f"{protected['records']} records{source}, sha256 {protected['digest'][:16]}..."
+        protected = f"{protected['records']} records{source}, digest {protected['digest'][:28]}..."
     line("protected set", protected)
     lines.extend(_listed("caller duties", statement["caller_duties"]))
     lines.extend(_listed("outside guarantee", statement["outside_guarantee"]))
+    audited = tgsp_format.parse_certificate(cert).audited
+    if audited is not None:
+        from tensafe.engine.report import render_audit
+
+        lines.extend(f"  {tgsp_format.one_line(text)}" for text in render_audit(audited.model_dump(mode="json")))
     if cert.get("audit_chain_head"):
         lines.append(f"audit chain  {cert['audit_chain_head']}")
     return lines

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from tensafe.auditing.verdict import render
 from tensafe.config import RunConfig
 from tensafe.data import records_digest
 from tensafe.engine.ledger import PrivacyCertificate
@@ -134,7 +133,5 @@ def attach(run_dir: Path, outcome: AuditOutcome, config: RunConfig) -> PrivacyCe
         )
     updated = certificate.model_copy(update={"audited": summary, "outside_guarantee": outside})
     report["privacy"] = updated.to_json()
-    write_report(run_dir, report)
-    with (run_dir / "report.txt").open("a", encoding="utf-8") as text:
-        text.write("\n".join(f"  {line}" for line in render(summary)) + "\n")
+    write_report(run_dir, report)  # report.txt and report.html show the audit with the certificate
     return updated

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from tensafe.auditing.bound import ceiling, epsilon_lower_bound
 from tensafe.engine.ledger import AUDIT_CONSISTENT, AUDIT_VIOLATION, AuditMode, AuditSummary
+from tensafe.engine.report import render_audit
 
 #: A membership guess: included, excluded, or abstained (None).
 Guess = bool | None
@@ -69,12 +70,4 @@ def judge(
 
 def render(summary: AuditSummary) -> list[str]:
     """The audit in a few lines of text: what was claimed, what was measured, and the verdict."""
-    s = summary
-    return [
-        f"privacy audit ({s.mode}, one run, Steinke-Nasr-Jagielski): epsilon >= {s.epsilon_lower_bound:.4f} "
-        f"at {s.confidence:.0%} confidence (delta {s.delta:.3g})",
-        f"  claimed: epsilon {s.claimed_epsilon:.4f} ({s.accountant} accountant, {s.steps} steps)",
-        f"  canaries m = {s.canaries}, guesses k = {s.guesses}, right {s.correct}; ceiling for m = {s.ceiling:.4f}, "
-        f"for k = {s.guesses_ceiling:.4f}",
-        f"  verdict: {s.verdict}",
-    ]
+    return render_audit(summary.model_dump(mode="json"))

@@ -66,7 +66,21 @@ def _privacy_lines(report: dict[str, Any]) -> list[str]:
         lines.append(f"  protected: {protected['records']} training records ({protected['digest'][:28]}...)")
     for item in privacy.get("outside_guarantee", []):
         lines.append(f"  {OUTSIDE_LABEL}: {item}")
+    if privacy.get("audited"):
+        lines.extend(f"  {line}" for line in render_audit(privacy["audited"]))
     return lines
+
+
+def render_audit(audit: dict[str, Any]) -> list[str]:
+    """A privacy audit (the certificate's ``audited`` section) in a few lines: claimed, measured, verdict."""
+    return [
+        f"privacy audit ({audit['mode']}, one run, Steinke-Nasr-Jagielski): epsilon >= "
+        f"{audit['epsilon_lower_bound']:.4f} at {audit['confidence']:.0%} confidence (delta {audit['delta']:.3g})",
+        f"  claimed: epsilon {audit['claimed_epsilon']:.4f} ({audit['accountant']} accountant, {audit['steps']} steps)",
+        f"  canaries m = {audit['canaries']}, guesses k = {audit['guesses']}, right {audit['correct']}; "
+        f"ceiling for m = {audit['ceiling']:.4f}, for k = {audit['guesses_ceiling']:.4f}",
+        f"  verdict: {audit['verdict']}",
+    ]
 
 
 def render_report(report: dict[str, Any]) -> str:
