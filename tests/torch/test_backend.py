@@ -139,7 +139,7 @@ def test_bad_inputs_are_clear_errors(monkeypatch: pytest.MonkeyPatch) -> None:
         TorchBackend().initialize_model(config)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     config.model.path = "some-org/some-model"
-    with pytest.raises(BackendError, match="hub models need network access"):
+    with pytest.raises(UsageError, match="not a local directory nor in the Hugging Face cache, and the hub is"):
         TorchBackend().initialize_model(config)
     with pytest.raises(BackendError, match="not initialised"):
         TorchBackend().encode("x")

@@ -99,6 +99,7 @@ def _import_opacus_quietly() -> None:
 
 def _require_hub(model_id: str) -> None:
     """Fail at once, not after minutes of retries, when a hub model can neither be found locally nor fetched."""
+    import os
     import socket
     from urllib.parse import urlparse
 
@@ -107,7 +108,8 @@ def _require_hub(model_id: str) -> None:
     if isinstance(try_to_load_from_cache(model_id, "config.json"), str):
         return  # in the local Hugging Face cache: loads offline
     advice = "pass a local model directory (--model DIR or model.path)"
-    if constants.HF_HUB_OFFLINE:
+    switched_off = {os.environ.get(name, "").strip().lower() for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    if constants.HF_HUB_OFFLINE or switched_off & {"1", "true", "yes", "on"}:
         raise UsageError(
             f"model {model_id!r} is not a local directory nor in the Hugging Face cache, and the hub is "
             f"switched off (HF_HUB_OFFLINE); {advice}"
