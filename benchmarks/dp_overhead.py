@@ -52,7 +52,7 @@ def measure(mode: str, batch: int) -> dict[str, float]:
     backend = TorchBackend()
     info = backend.initialize_model(config)
     records = load_records(assets.DEFAULT_DATASET)[:batch]
-    data = [tokenize_record(r, backend.encode, info.eos_token_id, 256) for r in records]
+    data = [tokenize_record(r, backend, info.eos_token_id, 256) for r in records]
     adam = AdamParams(learning_rate=1e-3)
     times = []
     for i in range(WARMUP + STEPS):
