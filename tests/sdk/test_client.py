@@ -202,3 +202,33 @@ def test_under_dp_step_hooks_see_the_expected_batch_size_and_no_batch_statistics
     assert caller_sees["batch_size"] == 2.0 and "loss" in caller_sees
     assert watcher.batch_sizes == [4, 4]  # training.batch_size, whatever the batch held
     assert [sorted(m) for m in watcher.reported] == [["epsilon"], ["epsilon"]]
+
+
+def test_a_saved_spend_edited_below_its_model_step_is_refused() -> None:
+    import copy
+
+    from tensafe.api import TrainingSessionCreate
+    from tensafe.sessions import TrainingSessionCore
+
+    spec = TrainingSessionCreate(config=bigram_config(), sampling_rate=0.01, dataset_size=400)
+    pm = fresh_plugin_manager(autoload=True)
+    core = TrainingSessionCore(spec, "s1", plugin_manager=pm)
+    for n in range(1, 4):
+        core.forward_backward(batch(n))
+        core.optim_step()
+    state, meta = core.snapshot()
+    lowered = copy.deepcopy(meta)
+    fresh = TrainingSessionCore(spec, "s2", plugin_manager=pm)
+    fresh.forward_backward(batch(1))
+    fresh.optim_step()
+    one_step = fresh.snapshot()[1]["privacy"]["accountant_state"]
+    lowered["privacy"]["accountant_state"] = one_step  # a spend of 1 step sealed next to a 3-step model
+    other = TrainingSessionCore(spec, "s3", plugin_manager=pm)
+    with pytest.raises(UsageError, match="1 steps accounted, 3 taken"):
+        other.restore(state, lowered)
+    assert other.step == 0, "nothing was loaded"
+    lowered["step"] = 1  # lowering the step too: the (sealed) model state still says 3
+    with pytest.raises(UsageError, match="backend is at step 3, session at 1"):
+        other.restore(state, lowered)
+    other.restore(state, meta)
+    assert other.step == 3 and other.privacy is not None and other.privacy.accountant.steps == 3

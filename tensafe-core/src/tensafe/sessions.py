@@ -169,12 +169,19 @@ class TrainingSessionCore:
             raise UsageError("not a TenSafe session state")
         if (meta["privacy"] is None) != (self.privacy is None):
             raise UsageError("the saved state and this session disagree on whether training is differentially private")
+        saved = None
+        if self.privacy is not None:
+            # A saved spend that lags its own model (an edited record) is refused before anything is loaded.
+            saved = type(self.privacy.accountant)()
+            saved.load_state(meta["privacy"]["accountant_state"])
+            if saved.steps * self.privacy.updates_per_charge != meta["step"]:
+                raise UsageError(
+                    f"saved state is torn: {saved.steps} steps accounted, {meta['step']} taken; it is refused"
+                )
         step = self.backend.load_state(state)
         if step != meta["step"]:
             raise UsageError(f"saved state is torn: backend is at step {step}, session at {meta['step']}")
-        if self.privacy is not None:
-            saved = type(self.privacy.accountant)()
-            saved.load_state(meta["privacy"]["accountant_state"])
+        if self.privacy is not None and saved is not None:
             if not keep_higher_spend or saved.steps >= self.privacy.accountant.steps:
                 self.privacy.restore(meta["privacy"])
         self.step = step
