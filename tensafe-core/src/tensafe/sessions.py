@@ -181,9 +181,12 @@ class TrainingSessionCore:
         step = self.backend.load_state(state)
         if step != meta["step"]:
             raise UsageError(f"saved state is torn: backend is at step {step}, session at {meta['step']}")
-        if self.privacy is not None and saved is not None:
-            if not keep_higher_spend or saved.steps >= self.privacy.accountant.steps:
-                self.privacy.restore(meta["privacy"])
+        if (
+            self.privacy is not None
+            and saved is not None
+            and (not keep_higher_spend or saved.steps >= self.privacy.accountant.steps)
+        ):
+            self.privacy.restore(meta["privacy"])
         self.step = step
         self.accumulated, self.loss_sum, self.tokens = 0, 0.0, 0.0
 
