@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import os
 import secrets
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tensafe.errors import ConfigError, UsageError
 
@@ -78,6 +79,10 @@ class KeyRing:
     def __init__(self, master_key: bytes) -> None:
         self._master = master_key
         self.audit_key = hmac.new(master_key, b"tensafe-audit-chain-v1", hashlib.sha256).digest()
+        #: Authenticates the session metadata (step, privacy spend) the database keeps beside each state.
+        self.meta_key = hmac.new(master_key, b"tensafe-session-meta-v1", hashlib.sha256).digest()
+        #: Authenticates the audit head kept outside the database.
+        self.head_key = hmac.new(master_key, b"tensafe-audit-head-v1", hashlib.sha256).digest()
 
     def new_tenant_key(self, tenant_id: str) -> bytes:
         """A fresh data key, wrapped for storage."""
@@ -85,6 +90,42 @@ class KeyRing:
 
     def tenant_key(self, tenant_id: str, wrapped: bytes) -> bytes:
         return unseal(self._master, wrapped, b"tenant-key:" + tenant_id.encode())
+
+
+def _meta_mac(key: bytes, binding: str, canonical: str) -> str:
+    return hmac.new(key, json.dumps([binding, canonical]).encode(), hashlib.sha256).hexdigest()
+
+
+def sign_meta(key: bytes, binding: str, meta: dict[str, Any]) -> str:
+    """``meta`` as stored: canonical JSON and its HMAC, bound to what it describes (``binding``).
+
+    The binding names the state artifact the metadata belongs to, so metadata
+    copied from another row does not verify either.
+    """
+    canonical = json.dumps(meta, sort_keys=True, separators=(",", ":"))
+    return json.dumps({"meta": meta, "mac": _meta_mac(key, binding, canonical)}, sort_keys=True)
+
+
+def open_meta(key: bytes, binding: str, stored: str) -> dict[str, Any]:
+    """The metadata ``sign_meta`` stored, once its HMAC checks; an edited or unsigned value is refused."""
+    from tensafe.errors import OperationFailed
+
+    try:
+        sealed = json.loads(stored)
+        meta, mac = sealed["meta"], sealed["mac"]
+    except (ValueError, TypeError, KeyError):
+        meta, mac = None, ""
+    if not isinstance(meta, dict) or not isinstance(mac, str):
+        meta, mac = {}, ""
+    canonical = json.dumps(meta, sort_keys=True, separators=(",", ":"))
+    if not hmac.compare_digest(_meta_mac(key, binding, canonical), mac):
+        raise OperationFailed(
+            f"the stored metadata of {binding} failed authentication: the database was edited "
+            "(or the record predates signed metadata); refusing to load a step count or privacy spend from it",
+            code="record_tampered",
+        )
+    result: dict[str, Any] = meta
+    return result
 
 
 class ArtifactStore:

@@ -51,7 +51,7 @@ from tensafe.api import (
 from tensafe.errors import NotFound, OperationFailed, TensafeError
 from tensafe.plugins import TensafePluginManager, create_plugin_manager
 from tensafe.server import audit
-from tensafe.server.crypto import ArtifactStore, KeyRing, load_master_key
+from tensafe.server.crypto import ArtifactStore, KeyRing, load_master_key, open_meta, sign_meta
 from tensafe.server.db import ArtifactRow, AuditRow, FutureRow, SessionRow, Tenant, database_url, open_database
 from tensafe.sessions import InferenceSessionCore, TrainingSessionCore
 
@@ -208,7 +208,7 @@ class SessionService:
                 name=name,
                 sha256=sha,
                 size=len(data),
-                meta=json.dumps(meta or {}),
+                meta=sign_meta(self.keyring.meta_key, f"{tenant_id}/{artifact_id}", meta or {}),
                 created=time.time(),
             )
         )
@@ -243,7 +243,7 @@ class SessionService:
         core = TrainingSessionCore(TrainingSessionCreate.model_validate_json(row.spec), row.id, plugin_manager=self.pm)
         if row.state_artifact is not None:
             _, state = self._artifact(db, row.tenant_id, row.state_artifact, "session")
-            core.restore(state, json.loads(row.meta), keep_higher_spend=False)
+            core.restore(state, self._session_meta(row), keep_higher_spend=False)
         return core
 
     def _on_worker(self, live: _Live, work: Callable[[], T]) -> T:
@@ -254,8 +254,14 @@ class SessionService:
         finally:
             live.pending -= 1
 
+    def _session_meta(self, row: SessionRow) -> dict[str, Any]:
+        """A training session's step and spend as committed with its state, refused if edited since."""
+        if row.state_artifact is None:
+            return {}
+        return open_meta(self.keyring.meta_key, f"{row.tenant_id}/{row.state_artifact}", row.meta)
+
     def _info(self, row: SessionRow) -> SessionInfo:
-        meta = json.loads(row.meta) if row.meta else {}
+        meta = self._session_meta(row)
         spent = meta.get("spent")
         live = self._live.get(row.id)
         return SessionInfo(
@@ -274,7 +280,8 @@ class SessionService:
         meta["spent"] = spent.model_dump() if spent is not None else None
         previous = row.state_artifact
         row.state_artifact = self._store_artifact(db, tenant_id, "session", state)
-        row.step, row.meta, row.epsilon = core.step, json.dumps(meta), core.epsilon()
+        binding = f"{tenant_id}/{row.state_artifact}"
+        row.step, row.meta, row.epsilon = core.step, sign_meta(self.keyring.meta_key, binding, meta), core.epsilon()
         if previous is not None:
             db.execute(delete(ArtifactRow).where(ArtifactRow.id == previous))
         return previous
@@ -466,7 +473,7 @@ class SessionService:
         def work() -> SessionInfo:
             with self.db() as db:
                 artifact, state = self._artifact(db, tenant_id, state_id, "state")
-                core.restore(state, json.loads(artifact.meta))
+                core.restore(state, open_meta(self.keyring.meta_key, f"{tenant_id}/{state_id}", artifact.meta))
                 row = self._row(db, tenant_id, session_id)
                 replaced = self._commit_state(db, tenant_id, row, core)
                 audit.append(
