@@ -125,3 +125,57 @@ def test_a_relative_model_path_resolves_next_to_the_config_file_and_a_hub_id_sta
     assert load_config(config).model.path == str(tmp_path / "models" / "mine")
     config.write_text("model: {path: acme/llama-7b}\n")
     assert load_config(config).model.path == "acme/llama-7b"
+
+
+# -- every number is finite and in range ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "field"),
+    [
+        ("TENSAFE_CONFIG__OPTIMIZER__LEARNING_RATE", "inf", "optimizer.learning_rate"),
+        ("TENSAFE_CONFIG__OPTIMIZER__LEARNING_RATE", "NaN", "optimizer.learning_rate"),
+        ("TENSAFE_CONFIG__DP__MAX_GRAD_NORM", "Infinity", "dp.max_grad_norm"),
+        ("TENSAFE_CONFIG__DP__TARGET_EPSILON", "inf", "dp.target_epsilon"),
+        ("TENSAFE_CONFIG__SAMPLING__TEMPERATURE", "1e-300", "sampling.temperature"),
+        ("TENSAFE_CONFIG__TRAINING__SEED", str(2**64), "training.seed"),
+        ("TENSAFE_CONFIG__MODEL__DEVICE", "tpu:%n%s", "model.device"),
+    ],
+)
+def test_an_infinite_or_out_of_range_override_is_a_field_error(variable: str, value: str, field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, environ={variable: value})
+    assert [loc for loc, _ in info.value.problems] == [field]
+
+
+def test_an_infinite_learning_rate_through_the_cli_is_a_field_error_with_exit_2(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("backend: bigram\n")
+    result = run_cli("config", "validate", str(path), env={"TENSAFE_CONFIG__OPTIMIZER__LEARNING_RATE": "inf"})
+    assert result.returncode == 2, result.stderr
+    assert "optimizer.learning_rate" in result.stderr and "finite" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1", "mps"])
+def test_each_device_form_is_accepted(device: str) -> None:
+    assert build_config({"model": {"device": device}}, environ={}).model.device == device
+
+
+def test_every_float_field_refuses_infinity() -> None:
+    config = RunConfig(mode="rlvr", he={}, tgsp={})  # every section present
+    sections = {name: getattr(config, name) for name in type(config).model_fields}
+    checked = []
+    for section_name, section in sections.items():
+        if not hasattr(type(section), "model_fields"):
+            continue
+        for field_name, field in type(section).model_fields.items():
+            if "float" not in str(field.annotation):
+                continue
+            with pytest.raises(ConfigError, match=f"{section_name}.{field_name}"):
+                build_config(
+                    {**({"mode": "rlvr"} if section_name == "rl" else {}), section_name: {field_name: "inf"}},
+                    environ={},
+                )
+            checked.append(f"{section_name}.{field_name}")
+    assert "optimizer.learning_rate" in checked and "dp.max_grad_norm" in checked and "rl.temperature" in checked

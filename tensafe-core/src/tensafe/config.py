@@ -19,13 +19,16 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tensafe.errors import ConfigError
-from tensafe.types import AdamParams, SamplingParams
+from tensafe.types import INT64_MAX, MAX_TOKEN_ID, MIN_TEMPERATURE, AdamParams, SamplingParams
 
 ENV_PREFIX = "TENSAFE_CONFIG__"
+#: Most of anything counted (steps, records, batch sizes, prompts): far beyond any run, and a 32-bit count.
+MAX_COUNT = 2**31 - 1
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN and infinity are refused everywhere: an infinite step size or clipping norm trains the model to NaN.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -37,16 +40,20 @@ class ModelConfig(_Section):
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights' dtype.")
     device: str = Field(
-        "auto", description="'auto' (a CUDA GPU when there is one, else the CPU), 'cpu', 'cuda' or 'cuda:N'."
+        "auto",
+        pattern=r"^(auto|cpu|mps|cuda(:[0-9]{1,3})?)$",
+        description="'auto' (a CUDA GPU when there is one, else the CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'.",
     )
-    max_seq_len: int = Field(256, ge=2, description="Longest training sequence in tokens; longer ones are cut.")
+    max_seq_len: int = Field(
+        256, ge=2, le=MAX_TOKEN_ID, description="Longest training sequence in tokens; longer ones are cut."
+    )
 
 
 class LoraConfig(_Section):
     """The LoRA adapter that is trained; only its parameters change."""
 
     rank: int = Field(8, ge=1, le=1024, description="Adapter rank r.")
-    alpha: float | None = Field(None, gt=0, description="Scaling numerator; None = 2 * rank.")
+    alpha: float | None = Field(None, gt=0, le=1e6, description="Scaling numerator; None = 2 * rank.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
     target_modules: list[str] | None = Field(
         None, description="Module names to adapt; None = chosen from train_attn / train_mlp / train_unembed."
@@ -54,7 +61,9 @@ class LoraConfig(_Section):
     train_attn: bool = Field(True, description="Adapt attention projections.")
     train_mlp: bool = Field(True, description="Adapt MLP projections.")
     train_unembed: bool = Field(False, description="Adapt the output projection (lm_head).")
-    seed: int | None = Field(None, description="Seed for the adapter's initialisation.")
+    seed: int | None = Field(
+        None, ge=0, le=INT64_MAX, description="Seed for the adapter's initialisation, 0 to 2**63 - 1."
+    )
 
     @property
     def scaling_alpha(self) -> float:
@@ -68,6 +77,7 @@ class DPConfig(_Section):
     target_epsilon: float | None = Field(
         8.0,
         gt=0,
+        le=1e6,
         description="Privacy budget; no step may take the run past it. None = no budget (needs a noise multiplier).",
     )
     target_delta: float | None = Field(
@@ -76,9 +86,10 @@ class DPConfig(_Section):
     noise_multiplier: float | None = Field(
         None,
         gt=0,
+        le=1e6,
         description="Noise std / clipping norm; None = calibrated to reach target_epsilon at the planned steps.",
     )
-    max_grad_norm: float = Field(1.0, gt=0, description="Per-sample gradient clipping norm C.")
+    max_grad_norm: float = Field(1.0, gt=0, le=1e6, description="Per-sample gradient clipping norm C, finite.")
     accountant: str = Field("rdp", description="Registered privacy accountant: 'rdp' or 'pld' (tensafe-privacy).")
     warn_fraction: float = Field(
         0.8, gt=0, le=1, description="Report a warning once this share of the budget is spent."
@@ -105,18 +116,31 @@ class DPConfig(_Section):
 class TrainingConfig(_Section):
     """How long and on what batches to train."""
 
-    steps: int = Field(300, ge=1, description="Optimizer steps to take.")
+    steps: int = Field(300, ge=1, le=MAX_COUNT, description="Optimizer steps to take.")
     batch_size: int = Field(
-        64, ge=1, description="Expected logical batch size (Poisson sampling rate = batch_size / records)."
+        64,
+        ge=1,
+        le=MAX_COUNT,
+        description="Expected logical batch size (Poisson sampling rate = batch_size / records).",
     )
     micro_batch_size: int = Field(
-        64, ge=1, description="Physical batch size; bounds memory at large logical batches (results do not change)."
+        64,
+        ge=1,
+        le=MAX_COUNT,
+        description="Physical batch size; bounds memory at large logical batches (results do not change).",
     )
-    eval_every: int = Field(0, ge=0, description="Report held-out loss every N steps (0 = only before and after).")
+    eval_every: int = Field(
+        0, ge=0, le=MAX_COUNT, description="Report held-out loss every N steps (0 = only before and after)."
+    )
     checkpoint_every: int = Field(
-        25, ge=0, description="Write a resumable checkpoint every N steps (0 = only at the end)."
+        25, ge=0, le=MAX_COUNT, description="Write a resumable checkpoint every N steps (0 = only at the end)."
     )
-    seed: int | None = Field(0, description="Seed for sampling of batches and generation; None = fresh randomness.")
+    seed: int | None = Field(
+        0,
+        ge=0,
+        le=INT64_MAX,
+        description="Seed for sampling of batches and generation, 0 to 2**63 - 1; None = fresh randomness.",
+    )
 
 
 class DataConfig(_Section):
@@ -124,7 +148,7 @@ class DataConfig(_Section):
 
     path: Path | None = Field(None, description="JSONL file; None = the ML backend's embedded default dataset.")
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of records held out for evaluation.")
-    max_records: int | None = Field(None, ge=1, description="Use at most this many records.")
+    max_records: int | None = Field(None, ge=1, le=MAX_COUNT, description="Use at most this many records.")
     eval_path: Path | None = Field(
         None,
         description="JSONL file of held-out records; None = hold out eval_fraction of data.path, decided per "
@@ -148,7 +172,9 @@ class RewardTerm(_Section):
     name: str = Field(
         description="A registered reward ('exact_match', 'numeric', 'regex', ...) or 'package.module:attribute'."
     )
-    weight: float = Field(1.0, description="Weight of this term in the weighted sum of all terms.")
+    weight: float = Field(
+        1.0, ge=-1e6, le=1e6, description="Weight of this term in the weighted sum of all terms (finite)."
+    )
     options: dict[str, Any] = Field(
         default_factory=dict, description="Keyword arguments for the reward's factory (e.g. tolerance, pattern)."
     )
@@ -181,11 +207,19 @@ class RLConfig(_Section):
     running_decay: float = Field(0.9, ge=0, lt=1, description="Decay of the running baseline.")
     epochs: int = Field(1, ge=1, le=16, description="Optimizer steps per sampled batch (PPO epochs).")
     clip_low: float = Field(0.8, gt=0, le=1, description="PPO: lower bound of the probability ratio.")
-    clip_high: float = Field(1.2, ge=1, description="PPO: upper bound of the probability ratio.")
-    max_tokens: int = Field(16, ge=1, description="Longest rollout in tokens.")
-    temperature: float = Field(1.0, gt=0, description="Rollout sampling temperature (1 keeps updates on-policy).")
+    clip_high: float = Field(1.2, ge=1, le=100, description="PPO: upper bound of the probability ratio.")
+    max_tokens: int = Field(16, ge=1, le=MAX_TOKEN_ID, description="Longest rollout in tokens.")
+    temperature: float = Field(
+        1.0,
+        ge=MIN_TEMPERATURE,
+        le=100,
+        description=f"Rollout sampling temperature, {MIN_TEMPERATURE} to 100 as for sampling "
+        "(1 keeps updates on-policy).",
+    )
     stop: list[str] = Field(default_factory=list, description="Stop strings that end a rollout.")
-    eval_prompts: int = Field(32, ge=0, description="Held-out prompts scored (greedy) for the reward curve.")
+    eval_prompts: int = Field(
+        32, ge=0, le=MAX_COUNT, description="Held-out prompts scored (greedy) for the reward curve."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> RLConfig:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -26,8 +26,34 @@ LOSS_INPUTS: dict[str, frozenset[str]] = {
 _KNOWN_INPUTS = frozenset({"target_tokens", "weights", "logprobs", "advantages"})
 
 
+#: Largest value of a signed 64-bit integer: the widest seed or id a backend or database column holds.
+INT64_MAX = 2**63 - 1
+#: Largest token id accepted: token ids index embedding tables, whose indices are 32-bit in practice.
+MAX_TOKEN_ID = 2**31 - 1
+#: Lowest non-zero temperature: far below it, logits / temperature leave float32's range and sampling turns
+#: to NaN (1e-300 is 0 in float32); at it, a logit gap of 0.1 already weighs e**100, greedy in effect.
+MIN_TEMPERATURE = 1e-3
+#: Smallest nucleus mass: below it float32 cumulative probabilities cannot tell the nucleus apart.
+MIN_TOP_P = 1e-6
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Settings(_Strict):
+    """Settings a caller sends: NaN and infinity are refused, so every float is finite."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+
+def valid_unicode(text: str, what: str) -> str:
+    """``text`` if it is valid Unicode: JSON may escape half a surrogate pair, which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{what} is not valid Unicode (a lone surrogate at position {exc.start})") from None
+    return text
 
 
 class Datum(_Strict):
@@ -47,6 +73,8 @@ class Datum(_Strict):
             raise ValueError(f"unknown loss_fn_inputs {sorted(unknown)}; known: {sorted(_KNOWN_INPUTS)}")
         if "target_tokens" not in self.loss_fn_inputs:
             raise ValueError("loss_fn_inputs needs 'target_tokens'")
+        if any(not 0 <= t <= MAX_TOKEN_ID for t in self.model_input):
+            raise ValueError(f"model_input holds a token id outside 0..{MAX_TOKEN_ID}")
         for key, values in self.loss_fn_inputs.items():
             if len(values) != len(self.model_input):
                 raise ValueError(
@@ -55,6 +83,8 @@ class Datum(_Strict):
             if key == "target_tokens":
                 if any(not float(v).is_integer() for v in values):
                     raise ValueError("target_tokens must be integers")
+                if any(not 0 <= v <= MAX_TOKEN_ID for v in values):
+                    raise ValueError(f"target_tokens holds a token id outside 0..{MAX_TOKEN_ID}")
             elif any(not math.isfinite(v) for v in values):
                 raise ValueError(f"loss_fn_inputs[{key!r}] contains NaN or infinity")
         return self
@@ -87,34 +117,70 @@ def datum_from_sequence(tokens: Sequence[int], prompt_length: int = 0) -> Datum:
     return Datum(model_input=list(tokens[:-1]), loss_fn_inputs={"target_tokens": targets, "weights": weights})
 
 
-class AdamParams(_Strict):
-    """AdamW hyper-parameters; defaults are Tinker's."""
+class AdamParams(_Settings):
+    """AdamW hyper-parameters; defaults are Tinker's. Every value is finite."""
 
-    learning_rate: float = Field(1e-4, gt=0, description="Step size.")
+    learning_rate: float = Field(
+        1e-4, gt=0, le=1, description="Step size, at most 1: an Adam step moves each weight by about this much."
+    )
     beta1: float = Field(0.9, ge=0, lt=1, description="First-moment decay.")
     beta2: float = Field(0.95, ge=0, lt=1, description="Second-moment decay.")
-    eps: float = Field(1e-12, gt=0, description="Denominator term.")
-    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay.")
+    eps: float = Field(1e-12, gt=0, le=1, description="Denominator term.")
+    weight_decay: float = Field(
+        0.0, ge=0, le=1, description="Decoupled weight decay, at most 1 (with the step size, a shrink, not a flip)."
+    )
     grad_clip_norm: float = Field(
-        0.0, ge=0, description="Global gradient-norm clip (0 = off); DP runs clip per sample instead."
+        0.0, ge=0, le=1e6, description="Global gradient-norm clip (0 = off); DP runs clip per sample instead."
     )
 
 
-class SamplingParams(_Strict):
-    """Generation settings; defaults are Tinker's."""
+class SamplingParams(_Settings):
+    """Generation settings; defaults are Tinker's. Every value is finite and within what backends compute."""
 
-    max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate (None = backend limit).")
-    seed: int | None = Field(None, description="Seed for reproducible sampling.")
-    stop: str | list[str] | list[int] | None = Field(None, description="Stop strings or stop token ids.")
-    temperature: float = Field(1.0, ge=0, description="0 means greedy.")
-    top_k: int = Field(-1, description="Keep the k most likely tokens (-1 = all).")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    max_tokens: int | None = Field(
+        None, ge=1, le=MAX_TOKEN_ID, description="Most tokens to generate (None = backend limit)."
+    )
+    seed: int | None = Field(
+        None, ge=0, le=INT64_MAX, description="Seed for reproducible sampling, 0 to 2**63 - 1 (a 64-bit seed)."
+    )
+    stop: str | list[str] | list[Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]] | None = Field(
+        None, description="Stop strings or stop token ids."
+    )
+    temperature: float = Field(
+        1.0,
+        ge=0,
+        le=100,
+        description=f"0 means greedy; else {MIN_TEMPERATURE} to 100: below, logits / temperature overflow float32 "
+        "(and the choice is greedy in effect); above, sampling is uniform in effect.",
+    )
+    top_k: int = Field(-1, le=MAX_TOKEN_ID, description="Keep the k most likely tokens (-1 = all).")
+    top_p: float = Field(
+        1.0,
+        ge=MIN_TOP_P,
+        le=1,
+        description=f"Nucleus sampling mass, {MIN_TOP_P} to 1: smaller masses vanish in float32 probabilities.",
+    )
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, value: float) -> float:
+        if 0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}")
+        return value
 
     @field_validator("top_k")
     @classmethod
     def _top_k(cls, value: int) -> int:
         if value == 0 or value < -1:
             raise ValueError("top_k must be -1 (off) or a positive integer")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value: str | list[str] | list[int] | None) -> str | list[str] | list[int] | None:
+        for item in [value] if isinstance(value, str) else value or []:
+            if isinstance(item, str):
+                valid_unicode(item, "a stop string")
         return value
 
 
