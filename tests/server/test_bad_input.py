@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -53,6 +54,16 @@ def test_malformed_json_is_400(api: Api) -> None:
         ("sample", {"prompts": ["a"], "sampling_params": {"top_p": 2}}, "body.sampling_params.top_p"),
         ("sample", {"prompts": ["a"], "sampling_params": {"top_k": 0}}, "body.sampling_params.top_k"),
         ("sample", {"prompts": []}, "body.prompts"),
+        ("sample", {"prompts": ["a"], "sampling_params": {"temperature": 1e-300}}, "body.sampling_params.temperature"),
+        ("sample", {"prompts": ["a"], "sampling_params": {"top_p": 1e-300}}, "body.sampling_params.top_p"),
+        ("sample", {"prompts": ["a"], "sampling_params": {"seed": 2**64}}, "body.sampling_params.seed"),
+        ("sample", {"prompts": ["a"], "sampling_params": {"stop": [2**64]}}, "body.sampling_params.stop"),
+        ("optim_step", {"adam_params": {"learning_rate": 10}}, "body.adam_params.learning_rate"),
+        (
+            "forward_backward",
+            {"data": [{"model_input": [2**64], "loss_fn_inputs": {"target_tokens": [1]}}]},
+            "body.data.0",
+        ),
         ("load_state", {"state_id": ""}, "body.state_id"),
     ],
 )
@@ -129,3 +140,82 @@ def test_an_oversized_body_is_413(api: Api) -> None:
         413,
         "payload_too_large",
     )
+
+
+def post_raw(api: Api, path: str, raw: str) -> Any:
+    """POST a body as written: JSON escapes of lone surrogates and the non-standard Infinity / NaN are kept."""
+    h = {**api.headers("alice"), "Content-Type": "application/json"}
+    return api.http.post(path, content=raw.encode(), headers=h)
+
+
+@pytest.mark.parametrize(
+    ("path", "raw", "field"),
+    [
+        ("sample", '{"prompts": ["\\ud800"]}', "body.prompts.0"),
+        ("sample", '{"prompts": ["ok \\udfff"]}', "body.prompts.0"),
+        ("sample", '{"prompts": ["a"], "sampling_params": {"temperature": Infinity}}', "body.sampling_params"),
+        ("sample", '{"prompts": ["a"], "sampling_params": {"stop": "\\ud800"}}', "body.sampling_params.stop"),
+        ("optim_step", '{"adam_params": {"learning_rate": Infinity}}', "body.adam_params.learning_rate"),
+        ("optim_step", '{"adam_params": {"learning_rate": 1e999}}', "body.adam_params.learning_rate"),
+        ("optim_step", '{"adam_params": {"grad_clip_norm": NaN}}', "body.adam_params.grad_clip_norm"),
+        (
+            "forward_backward",
+            '{"data": [{"model_input": [1], "loss_fn_inputs": {"target_tokens": [2]}}],'
+            ' "loss_fn": "ppo", "loss_fn_config": {"clip_low": -Infinity}}',
+            "body.loss_fn_config",
+        ),
+        ("save_state", '{"name": "\\ud800"}', "body.name"),
+    ],
+)
+def test_infinities_and_lone_surrogates_are_422_naming_the_field(api: Api, path: str, raw: str, field: str) -> None:
+    session_id = create_session(api)
+    data = check(post_raw(api, f"{T}/{session_id}/{path}", raw), 422, "invalid_request")
+    assert any(p["field"].startswith(field) for p in data["problems"]), data["problems"]
+
+
+def test_a_valid_prompt_outside_the_basic_plane_is_still_sampled(api: Api) -> None:
+    session_id = create_session(api)
+    response = post_raw(api, f"{T}/{session_id}/sample", '{"prompts": ["\\ud83d\\ude00 ok"]}')
+    assert response.status_code == 200, response.text
+
+
+def test_an_audit_position_past_64_bits_is_422(api: Api) -> None:
+    h = api.headers("alice")
+    data = check(api.http.get(f"/api/v1/audit?after={2**70}", headers=h), 422, "invalid_request")
+    assert [p["field"] for p in data["problems"]] == ["query.after"]
+    assert api.http.get(f"/api/v1/audit?after={2**63 - 1}", headers=h).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("section", "raw_value", "field"),
+    [
+        ("model", '{"device": "tpu:%n%s"}', "body.config.model.device"),
+        ("optimizer", '{"learning_rate": Infinity}', "body.config.optimizer.learning_rate"),
+        ("dp", '{"max_grad_norm": Infinity}', "body.config.dp.max_grad_norm"),
+        ("dp", '{"noise_multiplier": NaN}', "body.config.dp.noise_multiplier"),
+        ("sampling", '{"temperature": 1e-300}', "body.config.sampling.temperature"),
+        ("training", '{"seed": 36893488147419103232}', "body.config.training.seed"),
+    ],
+)
+def test_a_session_config_with_a_bad_number_or_device_is_422(
+    api: Api, section: str, raw_value: str, field: str
+) -> None:
+    config = bigram_config().model_dump(mode="json")
+    config.pop(section)
+    body = json.dumps({"config": config, "sampling_rate": 0.1, "dataset_size": 50})
+    raw = body.replace('"config": {', f'"config": {{"{section}": {raw_value}, ', 1)
+    data = check(post_raw(api, T, raw), 422, "invalid_request")
+    assert [p["field"] for p in data["problems"]] == [field], data["problems"]
+
+
+def test_unknown_lora_target_modules_are_400_listing_the_available_ones(api: Api) -> None:
+    config = bigram_config().model_dump(mode="json")
+    config.update(backend="torch", lora={"rank": 2, "target_modules": ["nope"]}, model={"device": "cpu"})
+    body = check(
+        api.http.post(
+            T, json={"config": config, "sampling_rate": 0.1, "dataset_size": 50}, headers=api.headers("alice")
+        ),
+        400,
+        "invalid_request",
+    )
+    assert "nope" in body["message"] and "q_proj" in body["message"]

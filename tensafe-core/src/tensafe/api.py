@@ -7,13 +7,21 @@ request is an error naming the field.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from tensafe.config import RunConfig
 from tensafe.engine.ledger import PrivacyCertificate
-from tensafe.types import AdamParams, Datum, LossFnType, SampleResponse, SamplingParams
+from tensafe.types import (
+    INT64_MAX,
+    AdamParams,
+    Datum,
+    LossFnType,
+    SampleResponse,
+    SamplingParams,
+    valid_unicode,
+)
 
 #: Most data in one forward_backward request, prompts in one sample request, samples per prompt.
 MAX_BATCH = 4096
@@ -28,7 +36,29 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class TrainingSessionCreate(_Body):
+class _Request(_Body):
+    """A body a caller sends: NaN and infinity are refused, so every float is finite."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+
+def _prompt(text: str) -> str:
+    return valid_unicode(text, "the prompt")
+
+
+def _text(text: str) -> str:
+    return valid_unicode(text, "the text")
+
+
+#: A prompt: any text that is valid Unicode (JSON can escape half a surrogate pair, which no tokenizer encodes).
+Prompt = Annotated[str, AfterValidator(_prompt)]
+#: A name or id: valid Unicode too, as a database column stores it.
+Text = Annotated[str, AfterValidator(_text)]
+#: A loss option (a clipping bound, a coefficient): finite, and small enough that float32 keeps it finite.
+LossOption = Annotated[float, Field(ge=-1e6, le=1e6, allow_inf_nan=False)]
+
+
+class TrainingSessionCreate(_Request):
     """Start a training session: a model with a fresh LoRA adapter, trained on batches the caller supplies."""
 
     config: RunConfig = Field(default_factory=RunConfig, description="Model, LoRA, DP and optimizer settings.")
@@ -40,28 +70,31 @@ class TrainingSessionCreate(_Body):
         "The privacy certificate records it as declared by the caller.",
     )
     dataset_size: int | None = Field(
-        None, ge=1, description="Records the caller samples from; sets the default delta 1 / (10 n)."
+        None,
+        ge=1,
+        le=INT64_MAX,
+        description="Records the caller samples from; sets the default delta 1 / (10 n).",
     )
 
 
-class ForwardBackwardRequest(_Body):
+class ForwardBackwardRequest(_Request):
     """Compute the loss of a batch and accumulate its gradients for the next optimizer step."""
 
     data: list[Datum] = Field(min_length=1, max_length=MAX_BATCH)
     loss_fn: LossFnType = "cross_entropy"
-    loss_fn_config: dict[str, float] | None = None
+    loss_fn_config: dict[str, LossOption] | None = None
 
 
-class OptimStepRequest(_Body):
+class OptimStepRequest(_Request):
     """Apply the accumulated gradients; charges the privacy accountant for one step."""
 
     adam_params: AdamParams | None = Field(None, description="None = the session config's optimizer.")
 
 
-class SampleRequest(_Body):
+class SampleRequest(_Request):
     """Generate continuations of text prompts with the current adapter."""
 
-    prompts: list[str] = Field(min_length=1, max_length=MAX_PROMPTS)
+    prompts: list[Prompt] = Field(min_length=1, max_length=MAX_PROMPTS)
     sampling_params: SamplingParams | None = Field(None, description="None = the session config's sampling.")
     num_samples: int = Field(1, ge=1, le=MAX_SAMPLES)
 
@@ -70,8 +103,8 @@ class SampleResult(_Body):
     responses: list[SampleResponse]
 
 
-class SaveStateRequest(_Body):
-    name: str | None = Field(None, max_length=200, description="A label for the saved state.")
+class SaveStateRequest(_Request):
+    name: Text | None = Field(None, max_length=200, description="A label for the saved state.")
 
 
 class SavedState(_Body):
@@ -82,8 +115,8 @@ class SavedState(_Body):
     epsilon: float | None
 
 
-class LoadStateRequest(_Body):
-    state_id: str = Field(min_length=1, max_length=200)
+class LoadStateRequest(_Request):
+    state_id: Text = Field(min_length=1, max_length=200)
 
 
 class PrivacySpent(_Body):
@@ -144,8 +177,8 @@ class FutureInfo(_Body):
     error: ErrorInfo | None = None
 
 
-class ExportRequest(_Body):
-    name: str | None = Field(None, max_length=200)
+class ExportRequest(_Request):
+    name: Text | None = Field(None, max_length=200)
 
 
 class ExportedPackage(_Body):
@@ -154,11 +187,11 @@ class ExportedPackage(_Body):
     step: int
 
 
-class InferenceSessionCreate(_Body):
+class InferenceSessionCreate(_Request):
     """Serve a base model, or a base model with an adapter from a TGSP package the tenant owns."""
 
     config: RunConfig = Field(default_factory=RunConfig)
-    adapter_artifact_id: str | None = Field(None, description="A .tgsp package artifact (from export_tgsp).")
+    adapter_artifact_id: Text | None = Field(None, description="A .tgsp package artifact (from export_tgsp).")
 
 
 class AuditRecordInfo(_Body):

@@ -192,13 +192,21 @@ class TorchBackend(MLBackend):
 
     def _target_modules(self, model: Any) -> list[str]:
         lora = self._cfg.lora
+        linear = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
         if lora.target_modules:
+            # Matched as PEFT matches (a module's name or its dotted suffix), but here, so that a name the model
+            # lacks is the caller's mistake with the choices listed, not a ValueError from deep inside PEFT.
+            names = [name for name, _ in model.named_modules()]
+            unknown = [t for t in lora.target_modules if not any(n == t or n.endswith(f".{t}") for n in names)]
+            if unknown:
+                raise UsageError(
+                    f"lora.target_modules {unknown} name no module of this model; its linear modules: {sorted(linear)}"
+                )
             return list(lora.target_modules)
         wanted: tuple[str, ...] = ()
         wanted += ATTENTION_NAMES if lora.train_attn else ()
         wanted += MLP_NAMES if lora.train_mlp else ()
         wanted += UNEMBED_NAMES if lora.train_unembed else ()
-        linear = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
         targets = sorted(linear & set(wanted))
         if not targets:
             raise UsageError(

@@ -47,6 +47,7 @@ from tensafe.errors import (
 )
 from tensafe.server.auth import authenticate
 from tensafe.server.service import SessionService
+from tensafe.types import INT64_MAX
 
 #: Largest request body accepted (a forward_backward batch of long sequences fits easily).
 MAX_BODY_BYTES = 32 * 1024 * 1024
@@ -251,7 +252,7 @@ def create_app(service: SessionService, *, max_body_bytes: int = MAX_BODY_BYTES)
     @app.get(f"{PREFIX}/audit", tags=["audit"])
     def audit_chain(
         tenant_id: Tenant,
-        after: Annotated[int, Query(ge=0)] = 0,
+        after: Annotated[int, Query(ge=0, le=INT64_MAX)] = 0,
         limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
     ) -> list[AuditRecordInfo]:
         return service.audit_records(tenant_id, limit=limit, after=after)
