@@ -74,6 +74,15 @@ def delete_last(db: Session) -> None:
     db.execute(delete(AuditRow).where(AuditRow.tenant_id == _alice(db), AuditRow.seq == 7))
 
 
+def cut_newest(db: Session) -> None:
+    """Delete the three newest records and move the head on the tenant row to the record now last."""
+    tenant = db.get(Tenant, _alice(db))
+    assert tenant is not None
+    db.execute(delete(AuditRow).where(AuditRow.tenant_id == tenant.id, AuditRow.seq > 4))
+    fourth = db.execute(select(AuditRow).where(AuditRow.tenant_id == tenant.id, AuditRow.seq == 4)).scalar_one()
+    tenant.audit_seq, tenant.audit_head = 4, fourth.hash
+
+
 def reorder(db: Session) -> None:
     rows = db.execute(select(AuditRow).where(AuditRow.tenant_id == _alice(db), AuditRow.seq.in_((2, 3)))).scalars()
     a, b = sorted(rows, key=lambda r: r.seq)
@@ -91,8 +100,9 @@ def reorder(db: Session) -> None:
         (delete_middle, "rows deleted or reordered"),
         (delete_last, "records removed"),
         (reorder, "does not link"),
+        (cut_newest, "the head kept outside the database says 7: records removed"),
     ],
-    ids=["edited", "deleted", "deleted-last", "reordered"],
+    ids=["edited", "deleted", "deleted-last", "reordered", "cut"],
 )
 def test_audit_verify_detects_tampering(
     api: Api, tmp_path: Path, database: str | None, tamper: Callable[[Session], None], finding: str
@@ -110,6 +120,32 @@ def test_audit_verify_detects_tampering(
     assert "bob: ok" in broken.stdout
     verdict = api.http.get("/api/v1/audit/verify", headers=api.headers("alice")).json()
     assert verdict["ok"] is False and any(finding in p for p in verdict["problems"])
+
+
+def test_the_head_kept_outside_the_database_must_be_present_and_intact(
+    api: Api, tmp_path: Path, database: str | None
+) -> None:
+    run_operations(api)
+    head_file = tmp_path / "data" / "audit-head.json"
+    kept = head_file.read_text()
+    head_file.write_text(kept.replace('"seq": 7', '"seq": 4'))
+    altered = cli("audit", "verify", data_dir=tmp_path / "data", database=database)
+    assert altered.returncode == 1 and "the head kept outside the database was altered" in altered.stdout
+    head_file.unlink()
+    missing = cli("audit", "verify", data_dir=tmp_path / "data", database=database)
+    assert missing.returncode == 1 and "no head for this tenant outside the database" in missing.stdout
+
+
+def test_a_head_file_one_commit_behind_still_verifies(api: Api, tmp_path: Path, database: str | None) -> None:
+    """A crash between the database commit and the head file's update leaves the file behind: not a cut."""
+    session_id = run_operations(api)
+    head_file = tmp_path / "data" / "audit-head.json"
+    before = head_file.read_text()
+    step(api, session_id, 3)
+    head_file.write_text(before)
+    verdict = cli("audit", "verify", data_dir=tmp_path / "data", database=database)
+    assert verdict.returncode == 0, verdict.stdout + verdict.stderr
+    assert "alice: ok (9 records)" in verdict.stdout
 
 
 def test_the_chain_cannot_be_rehashed_without_the_master_key(api: Api) -> None:

@@ -1,17 +1,29 @@
 """The per-tenant audit chain: each record's HMAC covers its fields and the previous record's.
 
 Editing a row changes its hash; deleting or reordering rows breaks the links
-or the sequence; deleting the newest rows disagrees with the head kept on the
-tenant row. The HMAC key derives from the master key, so a database writer
-without it cannot re-hash a forged chain.
+or the sequence. Cutting the newest rows (and moving the head on the tenant
+row to match) disagrees with the head kept outside the database: the file
+``audit-head.json`` in the data directory holds each tenant's last sequence
+number and record hash under an HMAC keyed from the master key. The HMAC keys
+derive from the master key, so a database writer without it can neither
+re-hash a forged chain nor move the outside head.
+
+The head file is written after the database commits (never before: a rolled
+back record must not be expected), atomically, and only forward. A crash
+between the two leaves the file one transaction behind, which verification
+accepts: the chain must contain the record the file names, and may go on.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import hmac
 import json
+import os
+import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -67,11 +79,80 @@ def append(
     row.hash = _record_hash(key, row)
     tenant.audit_seq, tenant.audit_head = row.seq, row.hash
     db.add(row)
+    db.info.setdefault(PENDING_HEADS, {})[tenant_id] = (row.seq, row.hash)
     return row
 
 
-def verify(db: Session, key: bytes, tenant_id: str) -> AuditVerification:
-    """Check one tenant's chain from its first record to the head on the tenant row."""
+#: Where ``append`` leaves the heads of a transaction, for :meth:`HeadFile.advance` once it commits.
+PENDING_HEADS = "tensafe_audit_heads"
+HEAD_FILE = "audit-head.json"
+
+
+class HeadFile:
+    """Each tenant's chain head, kept outside the database under an HMAC so a cut chain shows."""
+
+    def __init__(self, data_dir: Path, key: bytes) -> None:
+        self.path = data_dir / HEAD_FILE
+        self._lock_path = data_dir / "audit-head.lock"
+        self._key = key
+        self._thread_lock = threading.Lock()
+
+    def _mac(self, tenant_id: str, seq: int, head: str) -> str:
+        return hmac.new(self._key, json.dumps([tenant_id, seq, head]).encode(), hashlib.sha256).hexdigest()
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def read(self) -> dict[str, Any]:
+        """The stored entries by tenant id (unchecked); empty if there is no file."""
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except ValueError:
+            return {"": None}  # unreadable: every tenant's entry fails its check
+        tenants = data.get("tenants") if isinstance(data, dict) else None
+        return tenants if isinstance(tenants, dict) else {"": None}
+
+    def head(self, tenant_id: str) -> tuple[int, str] | str:
+        """The tenant's (sequence number, record hash), or why there is none to trust."""
+        entry = self.read().get(tenant_id)
+        if entry is None:
+            return "no head for this tenant outside the database (head file missing or entry removed)"
+        try:
+            seq, head, mac = int(entry["seq"]), str(entry["head"]), str(entry["mac"])
+        except (KeyError, TypeError, ValueError):
+            return "the head kept outside the database is unreadable"
+        if not hmac.compare_digest(self._mac(tenant_id, seq, head), mac):
+            return "the head kept outside the database was altered"
+        return seq, head
+
+    def advance(self, heads: dict[str, tuple[int, str]]) -> None:
+        """Record committed heads; an entry only moves forward (concurrent writers commit out of order)."""
+        with self._thread_lock, open(self._lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            tenants = {k: v for k, v in self.read().items() if k and isinstance(v, dict)}
+            for tenant_id, (seq, head) in heads.items():
+                current = tenants.get(tenant_id)
+                if current is not None and int(current.get("seq", 0)) >= seq:
+                    continue
+                tenants[tenant_id] = {"seq": seq, "head": head, "mac": self._mac(tenant_id, seq, head)}
+            staging = self.path.with_suffix(".partial")
+            fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                json.dump({"tenants": tenants}, handle, sort_keys=True)
+                handle.flush()
+                os.fsync(handle.fileno())
+            staging.replace(self.path)
+            directory = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+
+
+def verify(db: Session, key: bytes, tenant_id: str, outside: HeadFile) -> AuditVerification:
+    """Check one tenant's chain from its first record to the head on the tenant row and the one outside."""
     tenant = db.get(Tenant, tenant_id)
     if tenant is None:
         return AuditVerification(ok=False, records=0, problems=[f"no tenant {tenant_id}"])
@@ -88,4 +169,12 @@ def verify(db: Session, key: bytes, tenant_id: str) -> AuditVerification:
         prev = row.hash
     if tenant.audit_seq != len(rows) or tenant.audit_head != prev:
         problems.append(f"chain ends at record {len(rows)} but the head says {tenant.audit_seq}: records removed")
+    kept = outside.head(tenant_id)
+    if isinstance(kept, str):
+        if rows:
+            problems.append(kept)
+    elif {row.seq: row.hash for row in rows}.get(kept[0]) != kept[1]:
+        problems.append(
+            f"chain ends at record {len(rows)} but the head kept outside the database says {kept[0]}: records removed"
+        )
     return AuditVerification(ok=not problems, records=len(rows), problems=problems)

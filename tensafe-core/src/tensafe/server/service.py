@@ -121,6 +121,7 @@ class SessionService:
         self.keyring = KeyRing(load_master_key(data_dir))
         self.store = ArtifactStore(data_dir / "artifacts")
         self.engine, self._sessions = open_database(database_url(database, data_dir))
+        self.heads = audit.HeadFile(data_dir, self.keyring.head_key)
         self.pm = plugin_manager if plugin_manager is not None else create_plugin_manager()
         self._live: dict[str, _Live] = {}
         self._loading = threading.Lock()
@@ -135,9 +136,16 @@ class SessionService:
 
     @contextmanager
     def db(self) -> Iterator[Session]:
-        """A transaction: committed on success, rolled back on any error."""
-        with self._sessions() as session, session.begin():
-            yield session
+        """A transaction: committed on success, rolled back on any error.
+
+        The audit heads it moved are written outside the database after the commit.
+        """
+        with self._sessions() as session:
+            with session.begin():
+                yield session
+            heads = session.info.pop(audit.PENDING_HEADS, None)
+        if heads:
+            self.heads.advance(heads)
 
     # -- startup ----------------------------------------------------------------
 
@@ -150,6 +158,9 @@ class SessionService:
         Gradients accumulated by forward_backward calls after a session's last
         committed step lived only in that process's memory, so those calls are
         reported failed too. Returns how many futures were marked.
+
+        A data directory without an audit head file (new, or from before there
+        was one) gets one holding the database's heads as they are now.
         """
         lost = ErrorInfo(
             error="server_restarted", message="the server restarted before this operation finished", retryable=True
@@ -177,6 +188,9 @@ class SessionService:
             ids = list(stale)
             if ids:
                 db.execute(update(FutureRow).where(FutureRow.id.in_(ids)).values(status="failed", error=gone))
+            if not self.heads.exists():
+                tenants = db.execute(select(Tenant.id, Tenant.audit_seq, Tenant.audit_head)).all()
+                self.heads.advance({tid: (seq, head) for tid, seq, head in tenants if seq})
         return len(unfinished) + len(ids)
 
     # -- helpers ----------------------------------------------------------------
@@ -582,10 +596,10 @@ class SessionService:
 
     def verify_audit(self, tenant_id: str) -> AuditVerification:
         with self.db() as db:
-            return audit.verify(db, self.keyring.audit_key, tenant_id)
+            return audit.verify(db, self.keyring.audit_key, tenant_id, self.heads)
 
     def verify_all(self) -> dict[str, AuditVerification]:
         """Every tenant's chain, by tenant name (for ``tensafe audit verify``)."""
         with self.db() as db:
             tenants = db.execute(select(Tenant.id, Tenant.name).order_by(Tenant.name)).all()
-            return {name: audit.verify(db, self.keyring.audit_key, tid) for tid, name in tenants}
+            return {name: audit.verify(db, self.keyring.audit_key, tid, self.heads) for tid, name in tenants}
