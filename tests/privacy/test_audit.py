@@ -65,7 +65,8 @@ def test_noise_disabled_while_the_accountant_charges_is_a_violation(qa_dataset: 
     summary = json.loads(out)
     assert summary["verdict"] == AUDIT_VIOLATION
     assert summary["epsilon_lower_bound"] > summary["claimed_epsilon"] > 1.9
-    assert summary["correct"] >= summary["guesses"] - 2 == 198
+    # An included canary that Poisson sampling never picked looks excluded: nearly, not always, every guess is right.
+    assert summary["guesses"] == 200 and summary["correct"] >= 180
 
 
 def test_black_box_audit_works_through_the_backend_contract(qa_dataset: Path, tmp_path: Path) -> None:
