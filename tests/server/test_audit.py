@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
-from tensafe.server.audit import digest
+from tensafe.server import audit
 from tensafe.server.db import ArtifactRow, AuditRow, SessionRow, Tenant
 from tests.server.conftest import Api
 from tests.server.test_api import T, create_session, step
@@ -193,6 +193,10 @@ def test_under_dp_the_chain_and_session_records_hold_no_batch_statistics(api: Ap
         assert "loss" in done["result"]["metrics"]  # the caller gets its own batch's statistics back
     api.http.post(f"{T}/{session_id}/save_state", json={}, headers=h)
     records = chain(api)
+
+    def digest(value: object) -> str:
+        return audit.digest(api.service.keyring.audit_key, value)
+
     steps = [r for r in records if r["operation"] == "optim_step"]
     assert [r["result_hash"] for r in steps] == [digest({"step": 1}), digest({"step": 2})]
     assert all(r["epsilon"] and r["epsilon"] > 0 for r in steps)
@@ -208,4 +212,5 @@ def test_without_dp_the_chain_covers_each_result_as_returned(api: Api) -> None:
     session_id = create_session(api, enabled=False)
     done = step(api, session_id, 1)
     optim = next(r for r in chain(api) if r["operation"] == "optim_step")
-    assert optim["result_hash"] == digest(done["result"]) and optim["epsilon"] is None
+    assert optim["result_hash"] == audit.digest(api.service.keyring.audit_key, done["result"])
+    assert optim["epsilon"] is None

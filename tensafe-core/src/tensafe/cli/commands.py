@@ -421,9 +421,17 @@ DATABASE_OPTION = click.option(
     envvar="TENSAFE_DATABASE_URL",
     help="SQLAlchemy URL, e.g. postgresql://user:pw@host/db (default: SQLite in the data directory).",
 )
+MASTER_KEY_FILE_OPTION = click.option(
+    "--master-key-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar="TENSAFE_MASTER_KEY_FILE",
+    help="The master key's file, kept apart from the data (default: master.key in the data directory).",
+)
 
 
-def _service(ctx: click.Context, data_dir: Path, database: str | None, *, create: bool = False) -> Any:
+def _service(
+    ctx: click.Context, data_dir: Path, database: str | None, master_key_file: Path | None, *, create: bool = False
+) -> Any:
     """The server's state in ``data_dir``; only ``create`` (serve, keys create) may start a new one.
 
     A new data directory gets a new master key, so reading one that does not
@@ -437,7 +445,9 @@ def _service(ctx: click.Context, data_dir: Path, database: str | None, *, create
     require("cryptography")
     from tensafe.server.service import SessionService
 
-    return SessionService(data_dir, database=database, plugin_manager=plugin_manager(ctx))
+    return SessionService(
+        data_dir, database=database, plugin_manager=plugin_manager(ctx), master_key_file=master_key_file
+    )
 
 
 @click.command("serve")
@@ -445,8 +455,11 @@ def _service(ctx: click.Context, data_dir: Path, database: str | None, *, create
 @click.option("--port", default=8700, show_default=True, type=int, help="Port to listen on.")
 @DATA_DIR_OPTION
 @DATABASE_OPTION
+@MASTER_KEY_FILE_OPTION
 @click.pass_context
-def serve_cmd(ctx: click.Context, host: str, port: int, data_dir: Path, database: str | None) -> None:
+def serve_cmd(
+    ctx: click.Context, host: str, port: int, data_dir: Path, database: str | None, master_key_file: Path | None
+) -> None:
     """Serve the training and inference HTTP API (/api/v1/training, /api/v1/inference, /docs).
 
     Needs the server extra (python -m pip install './tensafe-core[server]') and an ML
@@ -464,7 +477,7 @@ def serve_cmd(ctx: click.Context, host: str, port: int, data_dir: Path, database
 
     from tensafe.server.app import create_app
 
-    service = _service(ctx, data_dir, database, create=True)
+    service = _service(ctx, data_dir, database, master_key_file, create=True)
     failed = service.recover()
     if failed:
         click.echo(f"{failed} operations from before a restart are reported failed (retryable)", err=True)
@@ -485,12 +498,15 @@ def keys_cmd() -> None:
 @click.option("--label", default="", help="A note on what the key is for.")
 @DATA_DIR_OPTION
 @DATABASE_OPTION
+@MASTER_KEY_FILE_OPTION
 @click.pass_context
-def keys_create(ctx: click.Context, tenant: str, label: str, data_dir: Path, database: str | None) -> None:
+def keys_create(
+    ctx: click.Context, tenant: str, label: str, data_dir: Path, database: str | None, master_key_file: Path | None
+) -> None:
     """Create an API key for TENANT (created if new); the key is printed once, only its hash is kept."""
     from tensafe.server.auth import create_key
 
-    service = _service(ctx, data_dir, database, create=True)
+    service = _service(ctx, data_dir, database, master_key_file, create=True)
     try:
         with service.db() as db:
             key_id, key = create_key(db, service.keyring, tenant, label)
@@ -503,12 +519,13 @@ def keys_create(ctx: click.Context, tenant: str, label: str, data_dir: Path, dat
 @keys_cmd.command("list")
 @DATA_DIR_OPTION
 @DATABASE_OPTION
+@MASTER_KEY_FILE_OPTION
 @click.pass_context
-def keys_list(ctx: click.Context, data_dir: Path, database: str | None) -> None:
+def keys_list(ctx: click.Context, data_dir: Path, database: str | None, master_key_file: Path | None) -> None:
     """List API keys as JSON (ids, tenants, labels; never the keys)."""
     from tensafe.server.auth import list_keys
 
-    service = _service(ctx, data_dir, database)
+    service = _service(ctx, data_dir, database, master_key_file)
     try:
         with service.db() as db:
             _emit_json(list_keys(db))
@@ -520,12 +537,15 @@ def keys_list(ctx: click.Context, data_dir: Path, database: str | None) -> None:
 @click.argument("key_id")
 @DATA_DIR_OPTION
 @DATABASE_OPTION
+@MASTER_KEY_FILE_OPTION
 @click.pass_context
-def keys_revoke(ctx: click.Context, key_id: str, data_dir: Path, database: str | None) -> None:
+def keys_revoke(
+    ctx: click.Context, key_id: str, data_dir: Path, database: str | None, master_key_file: Path | None
+) -> None:
     """Revoke the API key KEY_ID; requests with it get 401 from then on."""
     from tensafe.server.auth import revoke_key
 
-    service = _service(ctx, data_dir, database)
+    service = _service(ctx, data_dir, database, master_key_file)
     try:
         with service.db() as db:
             revoke_key(db, key_id)
@@ -542,11 +562,14 @@ def audit_cmd() -> None:
 @audit_cmd.command("verify")
 @DATA_DIR_OPTION
 @DATABASE_OPTION
+@MASTER_KEY_FILE_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print the verification of each tenant as JSON.")
 @click.pass_context
-def audit_verify(ctx: click.Context, data_dir: Path, database: str | None, as_json: bool) -> None:
-    """Check every tenant's audit chain; exits 1 if any record was edited, deleted or reordered."""
-    service = _service(ctx, data_dir, database)
+def audit_verify(
+    ctx: click.Context, data_dir: Path, database: str | None, master_key_file: Path | None, as_json: bool
+) -> None:
+    """Check every tenant's audit chain; exits 1 if any record was edited, deleted, reordered or cut."""
+    service = _service(ctx, data_dir, database, master_key_file)
     try:
         results = service.verify_all()
     finally:

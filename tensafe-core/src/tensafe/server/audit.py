@@ -33,9 +33,10 @@ from tensafe.api import AuditVerification
 from tensafe.server.db import AuditRow, Tenant
 
 
-def digest(data: Any) -> str:
-    """SHA-256 of a JSON-ready value in canonical form."""
-    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+def digest(key: bytes, data: Any) -> str:
+    """HMAC-SHA-256 of a JSON-ready value in canonical form, keyed so a guessed value cannot be checked without it."""
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hmac.new(key, b"tensafe audit: value\x00" + canonical, hashlib.sha256).hexdigest()
 
 
 def _record_hash(key: bytes, row: AuditRow) -> str:
@@ -71,8 +72,8 @@ def append(
         time=time.time(),
         operation=operation,
         subject=subject,
-        request_hash=digest(request),
-        result_hash=digest(result),
+        request_hash=digest(key, request),
+        result_hash=digest(key, result),
         epsilon=epsilon,
         prev_hash=tenant.audit_head,
     )
@@ -129,7 +130,7 @@ class HeadFile:
 
     def advance(self, heads: dict[str, tuple[int, str]]) -> None:
         """Record committed heads; an entry only moves forward (concurrent writers commit out of order)."""
-        with self._thread_lock, open(self._lock_path, "a") as lock:
+        with self._thread_lock, os.fdopen(os.open(self._lock_path, os.O_WRONLY | os.O_CREAT, 0o600), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             tenants = {k: v for k, v in self.read().items() if k and isinstance(v, dict)}
             for tenant_id, (seq, head) in heads.items():

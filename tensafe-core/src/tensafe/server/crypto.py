@@ -1,12 +1,14 @@
 """Keys and encryption at rest: a master key wraps one data key per tenant; artifacts use AES-256-GCM.
 
-The master key comes from ``TENSAFE_MASTER_KEY`` (64 hex digits) or from the
-file ``master.key`` in the data directory, created (mode 0600) on first start.
-It also keys the audit chain's HMAC, so rows cannot be re-hashed without it.
+The master key comes from ``TENSAFE_MASTER_KEY`` (64 hex digits) or from a
+file: ``--master-key-file`` / ``TENSAFE_MASTER_KEY_FILE``, else ``master.key``
+in the data directory, created (mode 0600) on first start. It also keys the
+audit chain's HMACs and the metadata MACs, so rows cannot be re-hashed without it.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
@@ -21,13 +23,14 @@ if TYPE_CHECKING:
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 MASTER_KEY_ENV = "TENSAFE_MASTER_KEY"
+MASTER_KEY_FILE_ENV = "TENSAFE_MASTER_KEY_FILE"
 MASTER_KEY_FILE = "master.key"
 ARTIFACT_MAGIC = b"TSA1"
 NONCE_BYTES = 12
 
 
-def load_master_key(data_dir: Path) -> bytes:
-    """The master key from the environment or the data directory (creating it there on first use)."""
+def load_master_key(data_dir: Path, key_file: Path | None = None) -> bytes:
+    """The master key from the environment or its file (created on first use): ``key_file``, else in ``data_dir``."""
     raw = os.environ.get(MASTER_KEY_ENV)
     if raw:
         try:
@@ -37,9 +40,10 @@ def load_master_key(data_dir: Path) -> bytes:
         if len(key) != 32:
             raise ConfigError(f"{MASTER_KEY_ENV} must be 64 hex digits (32 bytes)")
         return key
-    path = data_dir / MASTER_KEY_FILE
+    from_env = os.environ.get(MASTER_KEY_FILE_ENV)
+    path = key_file or (Path(from_env) if from_env else data_dir / MASTER_KEY_FILE)
     if not path.exists():
-        data_dir.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(secrets.token_hex(32))
@@ -92,6 +96,19 @@ class KeyRing:
         return unseal(self._master, wrapped, b"tenant-key:" + tenant_id.encode())
 
 
+def seal_text(key: bytes, text: str, aad: str) -> str:
+    """``text`` encrypted and authenticated for a database column (base64)."""
+    return base64.b64encode(seal(key, text.encode(), aad.encode())).decode()
+
+
+def open_text(key: bytes, stored: str, aad: str) -> str:
+    try:
+        blob = base64.b64decode(stored, validate=True)
+    except ValueError:
+        blob = b""
+    return unseal(key, blob, aad.encode()).decode()
+
+
 def _meta_mac(key: bytes, binding: str, canonical: str) -> str:
     return hmac.new(key, json.dumps([binding, canonical]).encode(), hashlib.sha256).hexdigest()
 
@@ -133,7 +150,7 @@ class ArtifactStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        root.mkdir(parents=True, exist_ok=True)
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def _path(self, tenant_id: str, artifact_id: str) -> Path:
         return self.root / tenant_id / f"{artifact_id}.bin"
@@ -141,9 +158,9 @@ class ArtifactStore:
     def write(self, tenant_id: str, artifact_id: str, key: bytes, data: bytes) -> str:
         """Encrypt and store ``data`` durably; returns its SHA-256 (of the plaintext)."""
         path = self._path(tenant_id, artifact_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, exist_ok=True)
         staging = path.with_suffix(".partial")
-        with staging.open("wb") as handle:
+        with os.fdopen(os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as handle:
             handle.write(seal(key, data, f"{tenant_id}/{artifact_id}".encode()))
             handle.flush()
             os.fsync(handle.fileno())

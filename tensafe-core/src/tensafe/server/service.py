@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import tempfile
 import threading
 import time
@@ -51,8 +52,16 @@ from tensafe.api import (
 from tensafe.errors import NotFound, OperationFailed, TensafeError
 from tensafe.plugins import TensafePluginManager, create_plugin_manager
 from tensafe.server import audit
-from tensafe.server.crypto import ArtifactStore, KeyRing, load_master_key, open_meta, sign_meta
-from tensafe.server.db import ArtifactRow, AuditRow, FutureRow, SessionRow, Tenant, database_url, open_database
+from tensafe.server.crypto import (
+    ArtifactStore,
+    KeyRing,
+    load_master_key,
+    open_meta,
+    open_text,
+    seal_text,
+    sign_meta,
+)
+from tensafe.server.db import DB_FILE, ArtifactRow, AuditRow, FutureRow, SessionRow, Tenant, database_url, open_database
 from tensafe.sessions import InferenceSessionCore, TrainingSessionCore
 
 T = TypeVar("T")
@@ -115,10 +124,14 @@ class SessionService:
         *,
         database: str | None = None,
         plugin_manager: TensafePluginManager | None = None,
+        master_key_file: Path | None = None,
     ) -> None:
         self.data_dir = data_dir
-        data_dir.mkdir(parents=True, exist_ok=True)
-        self.keyring = KeyRing(load_master_key(data_dir))
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        data_dir.chmod(0o700)
+        self.keyring = KeyRing(load_master_key(data_dir, master_key_file))
+        if database is None:  # SQLite gives its WAL and journal files the database file's mode
+            os.close(os.open(data_dir / DB_FILE, os.O_WRONLY | os.O_CREAT, 0o600))
         self.store = ArtifactStore(data_dir / "artifacts")
         self.engine, self._sessions = open_database(database_url(database, data_dir))
         self.heads = audit.HeadFile(data_dir, self.keyring.head_key)
@@ -352,7 +365,7 @@ class SessionService:
                     select(FutureRow).where(FutureRow.tenant_id == tenant_id, FutureRow.request_key == request_key)
                 ).scalar_one_or_none()
                 if existing is not None:
-                    return self._future_info(existing)
+                    return self._future_info(existing, self.tenant_key(db, tenant_id))
             if live.pending >= MAX_PENDING:
                 raise OperationFailed(
                     f"session {session_id} has {live.pending} operations queued", code="too_busy", retryable=True
@@ -370,7 +383,7 @@ class SessionService:
         self._done[future.id] = threading.Event()
         live.pending += 1
         live.worker.submit(self._run, live, session_id, future.id, request)
-        return self._future_info(future)
+        return self._future_info(future, b"")
 
     def _run(
         self, live: _Live, session_id: str, future_id: str, request: ForwardBackwardRequest | OptimStepRequest
@@ -403,7 +416,8 @@ class SessionService:
                 db.execute(
                     update(FutureRow)
                     .where(FutureRow.id == future_id)
-                    .values(status="completed", result=json.dumps(result), after_step=before)
+                    .values(status="completed", result=self._sealed_result(db, future_id, live.tenant_id, result))
+                    .values(after_step=before)
                 )
                 audited_request, audited_result = _audited(core, request, result, self.keyring.audit_key)
                 audit.append(
@@ -424,13 +438,21 @@ class SessionService:
             if event is not None:
                 event.set()
 
-    def _future_info(self, row: FutureRow) -> FutureInfo:
+    def _sealed_result(self, db: Session, future_id: str, tenant_id: str, result: dict[str, Any]) -> str:
+        """A result as the database keeps it: encrypted under the tenant's key (it holds per-datum logprobs)."""
+        return seal_text(self.tenant_key(db, tenant_id), json.dumps(result), f"future:{tenant_id}/{future_id}")
+
+    def _future_info(self, row: FutureRow, key: bytes) -> FutureInfo:
+        """The future as the client sees it; ``key`` is the tenant's, to open a result."""
+        result = None
+        if row.result:
+            result = json.loads(open_text(key, row.result, f"future:{row.tenant_id}/{row.id}"))
         return FutureInfo(
             future_id=row.id,
             session_id=row.session_id,
             operation=row.operation,
             status=row.status,
-            result=json.loads(row.result) if row.result else None,
+            result=result,
             error=ErrorInfo.model_validate_json(row.error) if row.error else None,
         )
 
@@ -441,13 +463,14 @@ class SessionService:
             row = db.get(FutureRow, future_id)
             if row is None or row.tenant_id != tenant_id:
                 raise NotFound(f"no future {future_id}")
+            key = self.tenant_key(db, tenant_id)
             if row.status in ("completed", "failed") or event is None or wait <= 0:
-                return self._future_info(row)
+                return self._future_info(row, key)
         event.wait(min(wait, MAX_WAIT_S))
         with self.db() as db:
             row = db.get(FutureRow, future_id)
             assert row is not None
-            return self._future_info(row)
+            return self._future_info(row, key)
 
     def sample(self, tenant_id: str, session_id: str, request: SampleRequest) -> SampleResult:
         live = self._live_session(tenant_id, session_id, "training")
