@@ -8,8 +8,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 
+from tensafe.errors import OperationFailed
 from tensafe.server.app import create_app
 from tensafe.server.db import SessionRow
 from tests.server.conftest import Api, make_service
@@ -80,3 +82,38 @@ def test_an_edited_saved_state_spend_is_refused_on_load(api: Api, tmp_path: Path
         assert loaded.status_code == 500 and loaded.json()["error"] == "record_tampered", loaded.text
         info = http.get(f"{T}/{session_id}", headers=h).json()
         assert info["step"] == 3 and info["privacy"]["epsilon"] > 0
+
+
+def test_an_existing_data_directory_is_adopted_once_at_its_first_start(
+    api: Api, tmp_path: Path, database: str | None
+) -> None:
+    """Records an earlier version wrote in the clear are signed and sealed by the first `serve` start, only then."""
+    from tensafe.server.db import FutureRow
+
+    session_id = create_session(api)
+    done = step(api, session_id, 1)
+    data_dir = tmp_path / "data"
+    with api.service.db() as db:
+        row = db.get(SessionRow, session_id)
+        future = db.get(FutureRow, done["future_id"])
+        assert row is not None and future is not None
+        row.meta = json.dumps(json.loads(row.meta)["meta"])  # as an earlier version stored them
+        future.result = json.dumps(done["result"])
+    (data_dir / "audit-head.json").unlink()
+    api.service.close()
+    upgraded = make_service(data_dir, database)
+    try:
+        upgraded.recover()
+        tenant_id = row.tenant_id
+        assert upgraded.info(tenant_id, session_id).step == 1
+        assert upgraded.future(tenant_id, done["future_id"]).result == done["result"]
+        assert upgraded.verify_audit(tenant_id).ok
+        with upgraded.db() as db:
+            row = db.get(SessionRow, session_id)
+            assert row is not None
+            row.meta = json.dumps(json.loads(row.meta)["meta"])  # the same stripping, after adoption
+        upgraded.recover()  # the head file exists now: nothing is adopted again
+        with pytest.raises(OperationFailed, match="failed authentication"):
+            upgraded.info(tenant_id, session_id)
+    finally:
+        upgraded.close()

@@ -173,8 +173,11 @@ class SessionService:
         reported failed too. Returns how many futures were marked.
 
         A data directory without an audit head file (new, or from before there
-        was one) gets one holding the database's heads as they are now.
+        was one) gets one holding the database's heads as they are now, and
+        the records an earlier version kept in the clear are taken as they
+        are: metadata signed, results sealed (see :meth:`_adopt_legacy_records`).
         """
+        first_start = not self.heads.exists()
         lost = ErrorInfo(
             error="server_restarted", message="the server restarted before this operation finished", retryable=True
         ).model_dump_json()
@@ -201,10 +204,32 @@ class SessionService:
             ids = list(stale)
             if ids:
                 db.execute(update(FutureRow).where(FutureRow.id.in_(ids)).values(status="failed", error=gone))
-            if not self.heads.exists():
+            if first_start:
+                self._adopt_legacy_records(db)
+        if first_start:
+            with self.db() as db:
                 tenants = db.execute(select(Tenant.id, Tenant.audit_seq, Tenant.audit_head)).all()
-                self.heads.advance({tid: (seq, head) for tid, seq, head in tenants if seq})
+            self.heads.advance({tid: (seq, head) for tid, seq, head in tenants if seq})
         return len(unfinished) + len(ids)
+
+    def _adopt_legacy_records(self, db: Session) -> None:
+        """Sign metadata and seal results written in the clear by a version before these protections."""
+
+        def legacy(stored: str) -> dict[str, Any] | None:
+            value = json.loads(stored) if stored else None
+            return value if isinstance(value, dict) and set(value) != {"meta", "mac"} else None
+
+        for row in db.execute(select(SessionRow).where(SessionRow.state_artifact.is_not(None))).scalars():
+            meta = legacy(row.meta)
+            if meta is not None:
+                row.meta = sign_meta(self.keyring.meta_key, f"{row.tenant_id}/{row.state_artifact}", meta)
+        for artifact in db.execute(select(ArtifactRow)).scalars():
+            meta = legacy(artifact.meta)
+            if meta is not None:
+                artifact.meta = sign_meta(self.keyring.meta_key, f"{artifact.tenant_id}/{artifact.id}", meta)
+        for future in db.execute(select(FutureRow).where(FutureRow.result.like("{%"))).scalars():
+            assert future.result is not None
+            future.result = self._sealed_result(db, future.id, future.tenant_id, json.loads(future.result))
 
     # -- helpers ----------------------------------------------------------------
 
