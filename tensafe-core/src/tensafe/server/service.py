@@ -319,7 +319,7 @@ class SessionService:
         return SessionInfo(
             session_id=row.id,
             kind=row.kind,
-            step=row.step,
+            step=meta.get("step", row.step),
             privacy=PrivacySpent.model_validate(spent) if spent else None,
             pending=live.pending if live is not None else 0,
             created=row.created,
