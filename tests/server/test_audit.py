@@ -11,7 +11,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from tensafe.server import audit
-from tensafe.server.db import ArtifactRow, AuditRow, SessionRow, Tenant
+from tensafe.server.db import ApiKey, ArtifactRow, AuditRow, FutureRow, SessionRow, Tenant
 from tests.server.conftest import Api
 from tests.server.test_api import T, create_session, step
 from tests.serving import batch, cli
@@ -134,6 +134,21 @@ def test_the_head_kept_outside_the_database_must_be_present_and_intact(
     head_file.unlink()
     missing = cli("audit", "verify", data_dir=tmp_path / "data", database=database)
     assert missing.returncode == 1 and "no head for this tenant outside the database" in missing.stdout
+
+
+def test_a_tenant_deleted_from_the_database_with_all_its_records_is_reported(
+    api: Api, tmp_path: Path, database: str | None
+) -> None:
+    run_operations(api)
+    create_session(api, tenant="bob")
+    with api.service.db() as db:
+        bob = db.execute(select(Tenant.id).where(Tenant.name == "bob")).scalar_one()
+        for table in (AuditRow, FutureRow, ArtifactRow, SessionRow, ApiKey):
+            db.execute(delete(table).where(table.tenant_id == bob))
+        db.execute(delete(Tenant).where(Tenant.id == bob))
+    verdict = cli("audit", "verify", data_dir=tmp_path / "data", database=database)
+    assert verdict.returncode == 1 and "alice: ok" in verdict.stdout
+    assert f"tenant {bob}: BROKEN" in verdict.stdout and "no longer has the tenant" in verdict.stdout
 
 
 def test_a_head_file_one_commit_behind_still_verifies(api: Api, tmp_path: Path, database: str | None) -> None:

@@ -647,7 +647,15 @@ class SessionService:
             return audit.verify(db, self.keyring.audit_key, tenant_id, self.heads)
 
     def verify_all(self) -> dict[str, AuditVerification]:
-        """Every tenant's chain, by tenant name (for ``tensafe audit verify``)."""
+        """Every tenant's chain, by tenant name (for ``tensafe audit verify``).
+
+        A tenant the head file knows but the database does not was deleted
+        from it, records and all: it is reported under its id.
+        """
         with self.db() as db:
             tenants = db.execute(select(Tenant.id, Tenant.name).order_by(Tenant.name)).all()
-            return {name: audit.verify(db, self.keyring.audit_key, tid, self.heads) for tid, name in tenants}
+            results = {name: audit.verify(db, self.keyring.audit_key, tid, self.heads) for tid, name in tenants}
+        gone = "this tenant's chain is recorded outside the database but the database no longer has the tenant"
+        for tenant_id in sorted(set(self.heads.read()) - {tid for tid, _ in tenants}):
+            results[f"tenant {tenant_id}"] = AuditVerification(ok=False, records=0, problems=[gone])
+        return results
