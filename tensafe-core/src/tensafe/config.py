@@ -207,7 +207,9 @@ class RLConfig(_Section):
     running_decay: float = Field(0.9, ge=0, lt=1, description="Decay of the running baseline.")
     epochs: int = Field(1, ge=1, le=16, description="Optimizer steps per sampled batch (PPO epochs).")
     clip_low: float = Field(0.8, gt=0, le=1, description="PPO: lower bound of the probability ratio.")
-    clip_high: float = Field(1.2, ge=1, le=100, description="PPO: upper bound of the probability ratio.")
+    clip_high: float = Field(
+        1.2, ge=1, le=1e6, description="PPO: upper bound of the probability ratio (a large value turns clipping off)."
+    )
     max_tokens: int = Field(16, ge=1, le=MAX_TOKEN_ID, description="Longest rollout in tokens.")
     temperature: float = Field(
         1.0,
