@@ -36,13 +36,14 @@ def _private(path: Path) -> bool:
     return stat.S_IMODE(path.stat().st_mode) & 0o077 == 0
 
 
-def test_the_data_directory_and_its_files_are_the_owners_alone(api: Api, tmp_path: Path) -> None:
+def test_the_data_directory_and_its_files_are_the_owners_alone(api: Api, tmp_path: Path, database: str | None) -> None:
     session_id = create_session(api)
     api.http.post(f"{T}/{session_id}/save_state", json={}, headers=api.headers("alice"))
     data_dir = tmp_path / "data"
     assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
     files = [p for p in data_dir.rglob("*") if p.is_file()]
-    assert {"master.key", "tensafe.db", "audit-head.json"} <= {p.name for p in files}
+    expected = {"master.key", "audit-head.json"} | ({"tensafe.db"} if database is None else set())
+    assert expected <= {p.name for p in files}
     assert any(p.suffix == ".bin" for p in files)
     assert [p for p in files if not _private(p)] == []
     assert [p for p in data_dir.rglob("*") if p.is_dir() and not _private(p)] == []

@@ -104,6 +104,10 @@ def _error(exc: BaseException) -> ErrorInfo:
     return ErrorInfo(error="internal_error", message=f"{type(exc).__name__}: {exc}", retryable=False)
 
 
+#: Largest audit sequence number the database column holds (a 32-bit integer).
+AUDIT_SEQ_MAX = 2**31 - 1
+
+
 @dataclass
 class _Live:
     """A session loaded in this process, with the worker that runs its operations in order."""
@@ -633,6 +637,8 @@ class SessionService:
     # -- audit --------------------------------------------------------------------
 
     def audit_records(self, tenant_id: str, limit: int = 1000, after: int = 0) -> list[AuditRecordInfo]:
+        if after >= AUDIT_SEQ_MAX:
+            return []  # no record lies past the sequence column's range (PostgreSQL would refuse the query)
         with self.db() as db:
             rows = db.execute(
                 select(AuditRow)
