@@ -53,6 +53,7 @@ from tensafe.types import (
     StopReason,
 )
 from tensafe_torch import assets
+from tensafe_torch.loading import import_opacus_quietly, load_base, quiet_peft, resolve_device, target_modules
 
 if TYPE_CHECKING:
     from tensafe_torch.noise import StepKeyedDPOptimizer
@@ -64,73 +65,6 @@ DEFAULT_MAX_TOKENS = 64
 #: Most per-sample gradient elements that gradient canaries hold at once (chunks of canaries x parameters).
 CANARY_CHUNK_ELEMENTS = 1 << 22
 PPO_CLIP = (0.8, 1.2)
-
-ATTENTION_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "c_attn", "query", "key", "value", "out_proj")
-MLP_NAMES = ("gate_proj", "up_proj", "down_proj", "fc1", "fc2", "c_fc", "dense_h_to_4h", "dense_4h_to_h")
-UNEMBED_NAMES = ("lm_head",)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@contextlib.contextmanager
-def _quiet_peft() -> Iterator[None]:
-    """peft calls a transformers property that transformers 5 deprecated; that is not the user's concern."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        yield
-
-
-def _import_opacus_quietly() -> None:
-    """Import Opacus without the root log handler its ``logging.basicConfig`` adds.
-
-    That handler would print every library's log lines (Hugging Face's included)
-    a second time.
-    """
-    import logging
-
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    import opacus  # noqa: F401
-
-    for handler in root.handlers[:]:
-        if handler not in handlers:
-            root.removeHandler(handler)
-    root.setLevel(level)
-
-
-def _require_hub(model_id: str) -> None:
-    """Fail at once, not after minutes of retries, when a hub model can neither be found locally nor fetched."""
-    import os
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    if isinstance(try_to_load_from_cache(model_id, "config.json"), str):
-        return  # in the local Hugging Face cache: loads offline
-    advice = "pass a local model directory (--model DIR or model.path)"
-    switched_off = {os.environ.get(name, "").strip().lower() for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    if constants.HF_HUB_OFFLINE or switched_off & {"1", "true", "yes", "on"}:
-        raise UsageError(
-            f"model {model_id!r} is not a local directory nor in the Hugging Face cache, and the hub is "
-            f"switched off (HF_HUB_OFFLINE); {advice}"
-        )
-    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=5).close()
-    except OSError as exc:
-        raise UsageError(
-            f"model {model_id!r} is not a local directory nor in the Hugging Face cache, and the hub ({host}) "
-            f"cannot be reached ({exc}); {advice}"
-        ) from None
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"model.device is {name!r} but no CUDA device is available")
-    return device
 
 
 def _seeded_generator(seed: int | None, device: torch.device) -> torch.Generator:
@@ -167,59 +101,12 @@ class TorchBackend(MLBackend):
     def default_probes(self) -> list[str]:
         return [str(prompt) for prompt in json.loads(DEFAULT_PROBES.read_text(encoding="utf-8"))]
 
-    def _load_base(self, config: RunConfig) -> tuple[Any, Any]:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # TenSafe draws its own progress; weight loading is instant here
-
-        source = config.model.path or str(assets.TINY_MODEL)
-        local = Path(source).expanduser()
-        is_local = local.exists() or source.startswith((".", "/", "~"))
-        if is_local and not (local / "config.json").is_file():
-            raise UsageError(f"model path {source!r} is not a model directory (no config.json)")
-        if not is_local:
-            _require_hub(source)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(local) if is_local else source, local_files_only=is_local)
-            model = AutoModelForCausalLM.from_pretrained(
-                str(local) if is_local else source, local_files_only=is_local, dtype=DTYPES[config.model.dtype]
-            )
-        except (OSError, ValueError) as exc:
-            hint = "" if is_local else " (hub models need network access; pass a local directory instead)"
-            raise BackendError(f"could not load model {source!r}: {exc}{hint}") from None
-        return tokenizer, model
-
-    def _target_modules(self, model: Any) -> list[str]:
-        lora = self._cfg.lora
-        linear = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
-        if lora.target_modules:
-            # Matched as PEFT matches (a module's name or its dotted suffix), but here, so that a name the model
-            # lacks is the caller's mistake with the choices listed, not a ValueError from deep inside PEFT.
-            names = [name for name, _ in model.named_modules()]
-            unknown = [t for t in lora.target_modules if not any(n == t or n.endswith(f".{t}") for n in names)]
-            if unknown:
-                raise UsageError(
-                    f"lora.target_modules {unknown} name no module of this model; its linear modules: {sorted(linear)}"
-                )
-            return list(lora.target_modules)
-        wanted: tuple[str, ...] = ()
-        wanted += ATTENTION_NAMES if lora.train_attn else ()
-        wanted += MLP_NAMES if lora.train_mlp else ()
-        wanted += UNEMBED_NAMES if lora.train_unembed else ()
-        targets = sorted(linear & set(wanted))
-        if not targets:
-            raise UsageError(
-                f"no LoRA target modules found for this model; set lora.target_modules to some of: {sorted(linear)}"
-            )
-        return targets
-
     def initialize_model(self, config: RunConfig) -> ModelInfo:
         from peft import LoraConfig, get_peft_model
 
         self._config = config
-        self._device = _resolve_device(config.model.device)
-        tokenizer, base = self._load_base(config)
+        self._device = resolve_device(config.model.device)
+        tokenizer, base = load_base(config)
         base.to(self._device)
         for param in base.parameters():
             param.requires_grad_(False)
@@ -228,12 +115,12 @@ class TorchBackend(MLBackend):
             r=lora.rank,
             lora_alpha=lora.scaling_alpha,
             lora_dropout=lora.dropout,
-            target_modules=self._target_modules(base),
+            target_modules=target_modules(base, config.lora),
             bias="none",
             task_type="CAUSAL_LM",
         )
         seed = lora.seed if lora.seed is not None else (config.training.seed or 0)
-        with torch.random.fork_rng(devices=[]), _quiet_peft():
+        with torch.random.fork_rng(devices=[]), quiet_peft():
             torch.manual_seed(seed)
             model = get_peft_model(base, peft_config)
         self._tokenizer = tokenizer
@@ -271,7 +158,7 @@ class TorchBackend(MLBackend):
         self._noised_gradient: torch.Tensor | None = None
         self._forward_module: Any = model
         if cfg.dp.enabled:
-            _import_opacus_quietly()
+            import_opacus_quietly()
             from opacus import GradSampleModule
 
             from tensafe_torch.noise import StepKeyedDPOptimizer
@@ -786,7 +673,7 @@ class TorchBackend(MLBackend):
             raise UsageError(f"{directory} is not a PEFT adapter directory (no adapter_config.json)")
         base = self._peft.unload()
         try:
-            with _quiet_peft():
+            with quiet_peft():
                 model = PeftModel.from_pretrained(base, str(directory), is_trainable=True)
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
             raise BackendError(f"cannot load adapter {directory} onto this model: {exc}") from None
