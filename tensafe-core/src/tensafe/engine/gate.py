@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tensafe.audit import AuditEvent
-from tensafe.engine.run import PROBES_BACKEND
+from tensafe.engine.run import PROBES_BACKEND, PROBES_CONFIGURED
 from tensafe.errors import PrivacyBudgetExceeded, StepVetoed
 
 if TYPE_CHECKING:
@@ -93,7 +93,7 @@ class ReleaseGate:
                 f"{what} computed on {len(data.held_out)} held-out records of {data.held_out_source.name} "
                 "(report.json 'held_out_records' lists their line numbers)"
             )
-        if sample_source and sample_source != PROBES_BACKEND and not sample_source.startswith("public probe"):
+        if sample_source and sample_source not in (PROBES_CONFIGURED, PROBES_BACKEND):
             items.append(f"sample completions of {sample_source}")
         if self.public_data:
             items.append("record text: the training data was declared public (data.public)")
