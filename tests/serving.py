@@ -43,6 +43,13 @@ def bigram_config(**dp: Any) -> RunConfig:
     )
 
 
+def session_config(**dp: Any) -> dict[str, Any]:
+    """:func:`bigram_config` as a remote session's config (JSON), as the SDK sends it to a server."""
+    from tensafe.api import SessionConfig
+
+    return SessionConfig.from_run_config(bigram_config(**dp)).model_dump(mode="json")
+
+
 def batch(step: int, size: int = 4) -> list[Datum]:
     """A deterministic batch of byte-token sequences (the bigram backend's tokens are UTF-8 bytes)."""
     return [datum_from_sequence(list(f"record {step}-{i}: the colour is blue".encode())) for i in range(size)]

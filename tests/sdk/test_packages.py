@@ -31,11 +31,14 @@ def packaging_config(keys: dict[str, Path]) -> RunConfig:
 @pytest.mark.parametrize("door", ["local", "remote"])
 def test_an_exported_package_serves_the_trained_adapter(door: str, live_server: LiveServer, tmp_path: Path) -> None:
     keys = keygen(tmp_path / "keys", "producer")
-    config = packaging_config(keys)
     if door == "local":
         client = TenSafeClient(plugin_manager=fresh_plugin_manager(autoload=True))
+        config = packaging_config(keys)
+        recipients: list[Path] = []
     else:
         client = TenSafeClient(live_server.url, create_key(live_server.data_dir, live_server.database, "alice"))
+        config = bigram_config()  # the server signs with alice's key and encrypts to it, plus ours
+        recipients = [keys["recipient_public_key"]]
     with client:
         session = client.create_training_session(config, sampling_rate=0.01, dataset_size=400)
         for n in (1, 2):
@@ -44,7 +47,7 @@ def test_an_exported_package_serves_the_trained_adapter(door: str, live_server: 
         trained = session.sample(["record 1"], GREEDY)[0].sequences[0].text
         base = client.create_inference_session(config).generate(["record 1"], GREEDY)[0].sequences[0].text
         assert trained != base
-        exported = session.export_tgsp(tmp_path / "adapter.tgsp")
+        exported = session.export_tgsp(tmp_path / "adapter.tgsp", recipients)
         manifest = tgsp_format.inspect(tmp_path / "adapter.tgsp")
         assert exported.package_id == manifest.get("package_id") and exported.step == 2
         certificate = manifest["privacy_certificate"]
@@ -56,3 +59,13 @@ def test_an_exported_package_serves_the_trained_adapter(door: str, live_server: 
         if door == "remote":
             with pytest.raises(NotFound):
                 client.create_inference_session(config, adapter="no-such-package")
+            # Downloaded, the package opens here with our own key, signed by alice's server-held key.
+            signer = tmp_path / "alice-signing.pub"
+            signer.write_text(client.tenant_keys().signing_public_key)
+            tgsp_format.unpack(
+                tmp_path / "adapter.tgsp",
+                recipient_key=keys["recipient_key"],
+                trusted_signers=[signer],
+                destination=tmp_path / "opened",
+            )
+            assert (tmp_path / "opened").is_dir()

@@ -10,13 +10,13 @@ import pytest
 
 from tensafe.server.db import SessionRow
 from tests.server.conftest import Api, make_service
-from tests.serving import batch, bigram_config, cli
+from tests.serving import batch, cli, session_config
 
 T = "/api/v1/training"
 
 
 def create_session(api: Api, tenant: str = "alice", **dp: Any) -> str:
-    body = {"config": bigram_config(**dp).model_dump(mode="json"), "sampling_rate": 0.01, "dataset_size": 400}
+    body = {"config": session_config(**dp), "sampling_rate": 0.01, "dataset_size": 400}
     response = api.http.post(T, json=body, headers=api.headers(tenant))
     assert response.status_code == 201, response.text
     session_id: str = response.json()["session_id"]
@@ -208,7 +208,7 @@ def test_a_restarted_service_continues_a_session_from_its_last_step(api: Api, tm
 
 def test_an_inference_session_serves_the_base_model(api: Api) -> None:
     h = api.headers("alice")
-    body = {"config": bigram_config().model_dump(mode="json")}
+    body = {"config": session_config()}
     created = api.http.post("/api/v1/inference", json=body, headers=h)
     assert created.status_code == 201, created.text
     session_id = created.json()["session_id"]

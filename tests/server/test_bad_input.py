@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from tensafe.server.app import create_app
 from tests.server.conftest import Api
 from tests.server.test_api import T, create_session
-from tests.serving import batch, bigram_config
+from tests.serving import batch, session_config
 
 
 def check(response: Any, status: int, code: str) -> dict[str, Any]:
@@ -79,7 +79,7 @@ def test_wrong_types_and_out_of_range_values_are_422_naming_the_field(
 
 def test_invalid_session_configs_are_refused_with_a_reason(api: Api) -> None:
     h = api.headers("alice")
-    config = bigram_config().model_dump(mode="json")
+    config = session_config()
     check(api.http.post(T, json={"config": config, "sampling_rate": 0}, headers=h), 422, "invalid_request")
     check(api.http.post(T, json={"config": config, "sampling_rate": 1.5}, headers=h), 422, "invalid_request")
     body = check(api.http.post(T, json={"config": config}, headers=h), 400, "invalid_request")
@@ -200,7 +200,7 @@ def test_an_audit_position_past_64_bits_is_422(api: Api) -> None:
 def test_a_session_config_with_a_bad_number_or_device_is_422(
     api: Api, section: str, raw_value: str, field: str
 ) -> None:
-    config = bigram_config().model_dump(mode="json")
+    config = session_config()
     config.pop(section)
     body = json.dumps({"config": config, "sampling_rate": 0.1, "dataset_size": 50})
     raw = body.replace('"config": {', f'"config": {{"{section}": {raw_value}, ', 1)
@@ -209,8 +209,8 @@ def test_a_session_config_with_a_bad_number_or_device_is_422(
 
 
 def test_unknown_lora_target_modules_are_400_listing_the_available_ones(api: Api) -> None:
-    config = bigram_config().model_dump(mode="json")
-    config.update(backend="torch", lora={"rank": 2, "target_modules": ["nope"]}, model={"device": "cpu"})
+    config = session_config()
+    config.update(backend="torch", lora={"rank": 2, "target_modules": ["nope"]}, model={"name": None})
     body = check(
         api.http.post(
             T, json={"config": config, "sampling_rate": 0.1, "dataset_size": 50}, headers=api.headers("alice")

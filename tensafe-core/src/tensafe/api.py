@@ -11,10 +11,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from tensafe.config import RunConfig
+from tensafe.config import DPConfig, LoraConfig, RunConfig, TrainingConfig
 from tensafe.engine.ledger import PrivacyCertificate
 from tensafe.types import (
     INT64_MAX,
+    MAX_TOKEN_ID,
     AdamParams,
     Datum,
     LossFnType,
@@ -77,12 +78,142 @@ class TrainingSessionCreate(_Request):
     )
 
 
+#: A name the server operator gave a model, a dataset or a package: no path separators, no leading dot.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+#: Largest public key a request may carry (a TGSP recipient public key file is about 1.7 KiB).
+MAX_PUBLIC_KEY = 16 * 1024
+
+
+class ServedModel(_Request):
+    """Which of the server's models to train or serve: by the name its operator registered, never a path."""
+
+    name: str | None = Field(
+        None,
+        pattern=NAME_PATTERN,
+        description="A model the operator registered (`tensafe serve --model NAME=PATH`; GET /api/v1/models "
+        "lists them); None = the server's default model.",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights' dtype.")
+    max_seq_len: int = Field(
+        256, ge=2, le=MAX_TOKEN_ID, description="Longest training sequence in tokens; longer ones are cut."
+    )
+
+
+class SessionConfig(_Request):
+    """A session's settings as a remote tenant sends them: the parts of :class:`RunConfig` that are not a
+    place on the server (no model path, data file, key file or output directory)."""
+
+    backend: str = Field("torch", pattern=NAME_PATTERN, description="Registered ML backend.")
+    model: ServedModel = Field(default_factory=ServedModel)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    dp: DPConfig = Field(default_factory=DPConfig)
+    optimizer: AdamParams = Field(default_factory=lambda: AdamParams(learning_rate=5e-3))
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    sampling: SamplingParams = Field(default_factory=lambda: SamplingParams(max_tokens=48, temperature=0.0))
+
+    @classmethod
+    def from_run_config(cls, config: RunConfig, model: str | None = None) -> SessionConfig:
+        """The remote form of a local config; settings that name places on this machine are refused.
+
+        A server trains and serves the models its operator registered, signs
+        packages with the tenant's own server-held keys and samples only
+        datasets uploaded to it, so ``model.path``, ``data``, ``tgsp`` and
+        ``he`` have no meaning there: they are an error naming each setting,
+        never silently dropped.
+        """
+        from tensafe.errors import UsageError
+
+        local = []
+        if config.model.path is not None:
+            local.append("model.path (pass model='NAME', a model the server registered)")
+        if config.model.device != "auto":
+            local.append("model.device (the server chooses its devices)")
+        if config.data.path is not None or config.data.eval_path is not None:
+            local.append("data.path / data.eval_path (upload the dataset: client.upload_dataset)")
+        if config.tgsp is not None:
+            local.append("tgsp (the server signs with your tenant's key; name recipients in export_tgsp)")
+        if config.he is not None:
+            local.append("he")
+        if config.mode != "sft":
+            local.append("mode (sessions train step by step; rlvr runs with tensafe run)")
+        if local:
+            raise UsageError("not sent to a server, which has no access to your files: " + "; ".join(local))
+        served = ServedModel(name=model, dtype=config.model.dtype, max_seq_len=config.model.max_seq_len)
+        return cls(
+            backend=config.backend,
+            model=served,
+            lora=config.lora,
+            dp=config.dp,
+            optimizer=config.optimizer,
+            training=config.training,
+            sampling=config.sampling,
+        )
+
+
+class RemoteTrainingSessionCreate(_Request):
+    """Start a training session on a server: on batches the caller supplies, or on a dataset uploaded to it."""
+
+    config: SessionConfig = Field(default_factory=SessionConfig)
+    sampling_rate: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="With batches you supply: the Poisson rate q you draw them at; required with DP, recorded "
+        "as declared by the caller. Not set with dataset_id (the server's rate is batch_size / records).",
+    )
+    dataset_size: int | None = Field(
+        None, ge=1, le=INT64_MAX, description="Records you sample from; sets the default delta 1 / (10 n)."
+    )
+    dataset_id: Text | None = Field(
+        None,
+        max_length=64,
+        description="A dataset uploaded to the server (POST /api/v1/datasets): the server then draws every "
+        "batch by Poisson sampling at q = training.batch_size / records, and steps with train_step; the "
+        "certificate says the batches were sampled by the server. Leave None to supply batches yourself.",
+    )
+
+
+class RemoteInferenceSessionCreate(_Request):
+    """Serve one of the server's models, or one with an adapter from a TGSP package the tenant owns."""
+
+    config: SessionConfig = Field(default_factory=SessionConfig)
+    adapter_artifact_id: Text | None = Field(
+        None, max_length=64, description="A .tgsp package artifact (exported or uploaded)."
+    )
+
+
+class ModelInfo(_Body):
+    """A model the server serves, by the name its operator gave it."""
+
+    name: str
+    default: bool
+
+
+class TenantKeys(_Body):
+    """The public halves of the TGSP keys the server holds for a tenant (PEM-like key files, as text)."""
+
+    signing_public_key: str = Field(description="Verifies packages the server signs for you: trust it locally.")
+    recipient_public_key: str = Field(description="Encrypt packages to it that you upload to this server.")
+
+
+class DatasetInfo(_Body):
+    dataset_id: str
+    records: int
+    name: str
+
+
 class ForwardBackwardRequest(_Request):
     """Compute the loss of a batch and accumulate its gradients for the next optimizer step."""
 
     data: list[Datum] = Field(min_length=1, max_length=MAX_BATCH)
     loss_fn: LossFnType = "cross_entropy"
     loss_fn_config: dict[str, LossOption] | None = None
+
+
+class TrainStepRequest(_Request):
+    """One step on a batch the server draws from the session's dataset (sessions made with dataset_id)."""
+
+    adam_params: AdamParams | None = Field(None, description="None = the session config's optimizer.")
 
 
 class OptimStepRequest(_Request):
@@ -171,7 +302,7 @@ class FutureInfo(_Body):
 
     future_id: str
     session_id: str
-    operation: Literal["forward_backward", "optim_step"]
+    operation: Literal["forward_backward", "optim_step", "train_step"]
     status: FutureStatus
     result: dict[str, Any] | None = None
     error: ErrorInfo | None = None
@@ -179,6 +310,12 @@ class FutureInfo(_Body):
 
 class ExportRequest(_Request):
     name: Text | None = Field(None, max_length=200)
+    recipients: list[Annotated[str, Field(max_length=MAX_PUBLIC_KEY)]] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Further recipients' TGSP public key files, as text (the package is always encrypted to "
+        "the tenant's server-held recipient key too). Add your own to open the package off the server.",
+    )
 
 
 class ExportedPackage(_Body):

@@ -30,6 +30,9 @@ CHAT_TEMPLATE = "chat_template"
 #: ``MLBackend.lora_delta`` runs the base model with each LoRA module's delta supplied by a callback.
 LORA_DELTA = "lora_delta"
 
+#: ``TGSPLoader.keygen`` writes a new signing pair and recipient pair (the server keeps one set per tenant).
+TGSP_KEYGEN = "tgsp_keygen"
+
 KNOWN: dict[str, str] = {
     DP_SGD: "per-sample gradient clipping and Gaussian noise (DP-SGD)",
     SEEDED_SAMPLING: "reproducible sampling from SamplingParams.seed",
@@ -39,6 +42,7 @@ KNOWN: dict[str, str] = {
     GRADIENT_CANARIES: "crafted per-datum gradients (forward_backward_canaries), for white-box privacy audits",
     CHAT_TEMPLATE: "chat records through the model's chat template (encode_chat), trained on assistant turns",
     LORA_DELTA: "base model with LoRA deltas from a callback (read_lora, lora_delta), for HE-LoRA",
+    TGSP_KEYGEN: "new signing and recipient key files (keygen), for keys a server holds per tenant",
 }
 
 

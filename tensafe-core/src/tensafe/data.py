@@ -6,7 +6,7 @@ import hashlib
 import hmac
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,20 +47,25 @@ def load_records(path: Path, *, max_records: int | None = None) -> list[Record]:
     """Read ``{"prompt", "completion"}`` or ``{"text"}`` records from a JSONL file."""
     if not path.is_file():
         raise UsageError(f"dataset not found: {path}")
-    records: list[Record] = []
     with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UsageError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            records.append(_record(obj, f"{path}:{lineno}", lineno))
-            if max_records is not None and len(records) >= max_records:
-                break
+        return parse_records(handle, str(path), max_records=max_records)
+
+
+def parse_records(lines: Iterable[str], where: str, *, max_records: int | None = None) -> list[Record]:
+    """Records from JSONL lines; errors name ``where`` and the line."""
+    records: list[Record] = []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{where}:{lineno}: not valid JSON ({exc.msg})") from None
+        records.append(_record(obj, f"{where}:{lineno}", lineno))
+        if max_records is not None and len(records) >= max_records:
+            break
     if not records:
-        raise UsageError(f"{path}: no records")
+        raise UsageError(f"{where}: no records")
     return records
 
 

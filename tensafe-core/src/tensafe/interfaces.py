@@ -430,6 +430,16 @@ class TGSPLoader(abc.ABC):
         override for the user who knows where the package came from.
         """
 
+    def keygen(self, directory: Path, name: str) -> dict[str, Path]:
+        """Write a new key set ``name`` into ``directory`` (capability ``tgsp_keygen``).
+
+        Returns the paths of ``signing_key``, ``signing_public_key``,
+        ``recipient_key`` and ``recipient_public_key``; private key files are 0600.
+        """
+        from tensafe.errors import UsageError
+
+        raise UsageError(f"TGSP loader {type(self).__name__} cannot create keys (no 'tgsp_keygen' capability)")
+
 
 @runtime_checkable
 class RewardFunction(Protocol):

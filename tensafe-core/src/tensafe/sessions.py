@@ -13,23 +13,30 @@ each batch by Poisson sampling at the declared rate and take an optimizer step
 for every batch drawn, an empty one included. Under DP an ``optim_step`` with
 nothing accumulated is such a step: the backend applies the noise alone, and
 the step is admitted and charged like any other.
+
+A session made over a dataset (``dataset=``, as the server does for an
+uploaded one) has no caller duties: :meth:`TrainingSessionCore.train_step`
+draws each batch itself by Poisson sampling from the OS CSPRNG, and under DP
+releases only the step number and epsilon, as ``tensafe run`` does.
 """
 
 from __future__ import annotations
 
+import math
+import random
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tensafe.api import PrivacySpent, TrainingSessionCreate
-from tensafe.data import weight_total
-from tensafe.engine.ledger import CALLER_DUTIES, PRIVACY_UNIT_SESSION
+from tensafe.data import PoissonSampler, Record, tokenize_record, weight_total
+from tensafe.engine.ledger import CALLER_DUTIES, PRIVACY_UNIT_DATASET, PRIVACY_UNIT_SESSION, SAMPLING_BY_SERVER
 from tensafe.errors import UsageError
 from tensafe.orchestrator import TenSafeOrchestrator
 
 if TYPE_CHECKING:
-    from tensafe.config import RunConfig
+    from tensafe.config import RunConfig, TGSPConfig
     from tensafe.engine.ledger import PrivacyLedger
     from tensafe.interfaces import MLBackend
     from tensafe.plugins import TensafePluginManager
@@ -51,6 +58,12 @@ SESSION_OUTSIDE_GUARANTEE = (
 )
 
 
+DATASET_OUTSIDE_GUARANTEE = (
+    "the number of records in the uploaded dataset: the sampling rate and the default delta are computed from it, "
+    "as DP-SGD accounting assumes it public",
+)
+
+
 def privacy_spent(ledger: PrivacyLedger | None) -> PrivacySpent | None:
     """The caller's view of a ledger's certificate."""
     if ledger is None:
@@ -59,13 +72,21 @@ def privacy_spent(ledger: PrivacyLedger | None) -> PrivacySpent | None:
 
 
 class TrainingSessionCore:
-    """A model with a LoRA adapter, trained step by step on batches the caller supplies."""
+    """A model with a LoRA adapter, trained step by step on batches the caller supplies,
+    or on batches the session draws from ``dataset`` itself (:meth:`train_step`)."""
 
     def __init__(
-        self, spec: TrainingSessionCreate, session_id: str, *, plugin_manager: TensafePluginManager | None = None
+        self,
+        spec: TrainingSessionCreate,
+        session_id: str,
+        *,
+        plugin_manager: TensafePluginManager | None = None,
+        dataset: Sequence[Record] | None = None,
     ) -> None:
         config = spec.config
-        if config.dp.enabled and spec.sampling_rate is None:
+        if dataset is not None and spec.sampling_rate is not None:
+            raise UsageError("a session over a dataset samples it itself: leave sampling_rate unset")
+        if dataset is None and config.dp.enabled and spec.sampling_rate is None:
             raise UsageError(
                 "a DP training session needs sampling_rate: the Poisson rate at which you draw batches "
                 "(the accountant's epsilon assumes it)"
@@ -74,15 +95,24 @@ class TrainingSessionCore:
         self.spec = spec
         self.orchestrator = TenSafeOrchestrator(config.model_copy(deep=True), plugin_manager=plugin_manager)
         self.backend: MLBackend = self.orchestrator.training_backend()
-        self.privacy = self.orchestrator.calibrated_privacy(spec.dataset_size, spec.sampling_rate)
+        if dataset is None:
+            self.privacy = self.orchestrator.calibrated_privacy(spec.dataset_size, spec.sampling_rate)
+        else:
+            self.privacy = self.orchestrator.calibrated_privacy(len(dataset))
         if self.privacy is not None:
             self.privacy.statement = {
                 "mode": "session",
-                "privacy_unit": PRIVACY_UNIT_SESSION,
-                "caller_duties": list(CALLER_DUTIES),
-                "outside_guarantee": list(SESSION_OUTSIDE_GUARANTEE),
+                "privacy_unit": PRIVACY_UNIT_SESSION if dataset is None else PRIVACY_UNIT_DATASET,
+                "caller_duties": list(CALLER_DUTIES) if dataset is None else [],
+                "outside_guarantee": list(SESSION_OUTSIDE_GUARANTEE if dataset is None else DATASET_OUTSIDE_GUARANTEE),
             }
-        self.backend.initialize_model(self.config)
+            if dataset is not None:
+                self.privacy.sampling = SAMPLING_BY_SERVER
+        info = self.backend.initialize_model(self.config)
+        #: The records this session samples its own batches from (None: the caller supplies batches).
+        self.dataset: ServerSampling | None = None
+        if dataset is not None:
+            self.dataset = ServerSampling(self, dataset, info.eos_token_id)
         self.step = 0
         #: Data whose gradients are accumulated for the next optimizer step.
         self.accumulated = 0
@@ -99,6 +129,7 @@ class TrainingSessionCore:
         loss_fn: LossFnType = "cross_entropy",
         loss_fn_config: Mapping[str, float] | None = None,
     ) -> ForwardBackwardOutput:
+        self._caller_batches()
         out = self.backend.forward_backward(list(data), loss_fn, loss_fn_config)
         self.accumulated += len(data)
         self.loss_sum += out.metrics.get("loss:sum", 0.0)
@@ -119,6 +150,28 @@ class TrainingSessionCore:
         Under DP a step with nothing accumulated (an empty Poisson batch) is a
         real step: the noise alone. Without DP it has nothing to apply and is refused.
         """
+        self._caller_batches()
+        return self._optim_step(adam_params)
+
+    def _caller_batches(self) -> None:
+        if self.dataset is not None:
+            raise UsageError(
+                "this session draws its batches from its dataset itself (that is what its epsilon assumes): "
+                "call train_step, not forward_backward or optim_step"
+            )
+
+    def train_step(self, adam_params: AdamParams | None = None) -> OptimStepResponse:
+        """One step on a batch Poisson-sampled from the session's dataset, admitted and charged.
+
+        The batch is drawn only once the step is admitted (a refused step
+        draws nothing). Under DP the result carries the step number and
+        epsilon, nothing computed from the batch; without DP its loss and size too.
+        """
+        if self.dataset is None:
+            raise UsageError("train_step needs a session over a dataset; this one takes your batches")
+        return self.dataset.step(adam_params or self.config.optimizer)
+
+    def _optim_step(self, adam_params: AdamParams | None) -> OptimStepResponse:
         if self.accumulated == 0 and self.privacy is None:
             raise UsageError(
                 "optim_step with no accumulated gradients: call forward_backward first "
@@ -190,12 +243,51 @@ class TrainingSessionCore:
         self.step = step
         self.accumulated, self.loss_sum, self.tokens = 0, 0.0, 0.0
 
-    def export_tgsp(self, output: Path) -> dict[str, Any]:
-        """Write the adapter as a signed, encrypted TGSP package with the session's privacy certificate."""
+    def export_tgsp(self, output: Path, tgsp: TGSPConfig | None = None) -> dict[str, Any]:
+        """Write the adapter as a signed, encrypted TGSP package with the session's privacy certificate.
+
+        ``tgsp``: the keys to sign and encrypt with, instead of the session config's.
+        """
+        config = self.config if tgsp is None else self.config.model_copy(update={"tgsp": tgsp})
         with tempfile.TemporaryDirectory(prefix="tensafe-export-") as scratch:
             adapter = Path(scratch) / "adapter"
             self.backend.export_adapter(adapter)
-            return self.orchestrator.package_adapter(self.config, adapter, output, self.privacy)
+            return self.orchestrator.package_adapter(config, adapter, output, self.privacy)
+
+
+class ServerSampling:
+    """A session's own batches: Poisson sampling over its dataset from the OS CSPRNG.
+
+    Each record is in a step's batch with probability q = batch_size / records,
+    independently, as the accountant assumes; the draw is never seeded, saved
+    or shown (under DP not even its size).
+    """
+
+    def __init__(self, session: TrainingSessionCore, records: Sequence[Record], eos_token_id: int | None) -> None:
+        config = session.config
+        self.session = session
+        self.data = [tokenize_record(r, session.backend, eos_token_id, config.model.max_seq_len) for r in records]
+        rate = session.privacy.sampling_rate if session.privacy else min(1.0, config.training.batch_size / len(records))
+        self.sampler = PoissonSampler(len(self.data), rate, random.SystemRandom())
+
+    def step(self, adam_params: AdamParams) -> OptimStepResponse:
+        session, config = self.session, self.session.config
+        gate = session.orchestrator.gate
+        expected = config.training.batch_size
+        gate.admit(session.session_id, session.step + 1, gate.release.batch_size(expected, expected), session.privacy)
+        batch = [self.data[i] for i in self.sampler.sample()]
+        loss_sum, tokens = 0.0, 0.0
+        size = config.training.micro_batch_size
+        for start in range(0, len(batch), size):
+            micro = batch[start : start + size]
+            loss_sum += session.backend.forward_backward(micro, "cross_entropy").metrics.get("loss:sum", 0.0)
+            tokens += weight_total(micro)
+        result = session.backend.optim_step(adam_params)
+        session.step = result.step
+        metrics: dict[str, float] = {"batch_size": float(len(batch)), "loss": loss_sum / tokens if tokens else math.nan}
+        metrics.update({k: v for k, v in result.metrics.items() if k not in metrics})
+        released = session.orchestrator.record_step(session.session_id, session.step, metrics, session.privacy)
+        return result.model_copy(update={"metrics": {k: v for k, v in released.items() if math.isfinite(v)}})
 
 
 class InferenceSessionCore:

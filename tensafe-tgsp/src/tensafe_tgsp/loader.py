@@ -7,8 +7,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+from tensafe.capabilities import TGSP_KEYGEN
 from tensafe.interfaces import TGSPLoader
 from tensafe_tgsp import format as tgsp_format
+from tensafe_tgsp import keys
 
 
 class TGSPPackageLoader(TGSPLoader):
@@ -17,7 +19,11 @@ class TGSPPackageLoader(TGSPLoader):
     Every failure raises a :class:`tensafe_tgsp.errors.TGSPError`.
     """
 
-    capabilities: ClassVar[frozenset[str]] = frozenset()
+    capabilities: ClassVar[frozenset[str]] = frozenset({TGSP_KEYGEN})
+
+    def keygen(self, directory: Path, name: str) -> dict[str, Path]:
+        """A new signing pair and recipient pair, unencrypted private keys (0600); refuses to overwrite."""
+        return keys.keygen(directory, name)
 
     def pack(
         self,

@@ -430,7 +430,13 @@ MASTER_KEY_FILE_OPTION = click.option(
 
 
 def _service(
-    ctx: click.Context, data_dir: Path, database: str | None, master_key_file: Path | None, *, create: bool = False
+    ctx: click.Context,
+    data_dir: Path,
+    database: str | None,
+    master_key_file: Path | None,
+    *,
+    create: bool = False,
+    **options: Any,
 ) -> Any:
     """The server's state in ``data_dir``; only ``create`` (serve, keys create) may start a new one.
 
@@ -446,24 +452,54 @@ def _service(
     from tensafe.server.service import SessionService
 
     return SessionService(
-        data_dir, database=database, plugin_manager=plugin_manager(ctx), master_key_file=master_key_file
+        data_dir, database=database, plugin_manager=plugin_manager(ctx), master_key_file=master_key_file, **options
     )
 
 
 @click.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8700, show_default=True, type=int, help="Port to listen on.")
+@click.option(
+    "--model",
+    "models",
+    multiple=True,
+    metavar="NAME=PATH",
+    help="Serve the model in local directory PATH as NAME (repeat for more; the first is the default). "
+    "Without any, the ML backend's embedded model is served as 'embedded'.",
+)
+@click.option(
+    "--trusted-signer",
+    "trusted_signers",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A TGSP signing public key whose packages tenants may upload and serve (repeatable); "
+    "each tenant's own server-held signing key is always trusted for that tenant.",
+)
 @DATA_DIR_OPTION
 @DATABASE_OPTION
 @MASTER_KEY_FILE_OPTION
 @click.pass_context
 def serve_cmd(
-    ctx: click.Context, host: str, port: int, data_dir: Path, database: str | None, master_key_file: Path | None
+    ctx: click.Context,
+    host: str,
+    port: int,
+    models: tuple[str, ...],
+    trusted_signers: tuple[Path, ...],
+    data_dir: Path,
+    database: str | None,
+    master_key_file: Path | None,
 ) -> None:
     """Serve the training and inference HTTP API (/api/v1/training, /api/v1/inference, /docs).
 
-    Needs the server extra (python -m pip install './tensafe-core[server]') and an ML
-    backend (tensafe-torch). Create API keys with `tensafe keys create`.
+    Tenants name models by the names given here, never by path, and never
+    name a key file: packages are signed and opened with keys the server
+    holds per tenant. Needs the server extra (python -m pip install
+    './tensafe-core[server]') and an ML backend (tensafe-torch). Create API
+    keys with `tensafe keys create`.
+
+    \b
+    Example:
+      tensafe serve --model llama-8b=/models/llama-3-8b --data-dir /srv/tensafe
     """
     from tensafe.config import RunConfig
     from tensafe.server import require
@@ -476,8 +512,18 @@ def serve_cmd(
     import uvicorn
 
     from tensafe.server.app import create_app
+    from tensafe.server.models import ModelRegistry
 
-    service = _service(ctx, data_dir, database, master_key_file, create=True)
+    registry_of_models = ModelRegistry.parse(models)
+    service = _service(
+        ctx,
+        data_dir,
+        database,
+        master_key_file,
+        create=True,
+        models=registry_of_models,
+        trusted_signers=list(trusted_signers),
+    )
     failed = service.recover()
     if failed:
         click.echo(f"{failed} operations from before a restart are reported failed (retryable)", err=True)
@@ -503,13 +549,21 @@ def keys_cmd() -> None:
 def keys_create(
     ctx: click.Context, tenant: str, label: str, data_dir: Path, database: str | None, master_key_file: Path | None
 ) -> None:
-    """Create an API key for TENANT (created if new); the key is printed once, only its hash is kept."""
+    """Create an API key for TENANT (created if new); the key is printed once, only its hash is kept.
+
+    A new tenant also gets its TGSP signing and recipient keys, held by the
+    server (encrypted under the tenant's key) when tensafe-tgsp is installed.
+    """
     from tensafe.server.auth import create_key
+    from tensafe.server.db import ApiKey
 
     service = _service(ctx, data_dir, database, master_key_file, create=True)
     try:
         with service.db() as db:
             key_id, key = create_key(db, service.keyring, tenant, label)
+            tenant_id = db.get(ApiKey, key_id).tenant_id
+        if service.pm.registry.registrations("tgsp_loader"):
+            service.tgsp.ensure(tenant_id)
     finally:
         service.close()
     click.echo(f"key id {key_id} for tenant {tenant!r}; store this key now, it is not shown again:", err=True)

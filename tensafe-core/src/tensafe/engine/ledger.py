@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 #: How the certificate describes the sampling its epsilon assumes.
 SAMPLING_BY_ENGINE = "poisson, by the engine over the training records"
+SAMPLING_BY_SERVER = "poisson, by the server over the dataset uploaded to it (the caller supplied no batches)"
 SAMPLING_DECLARED = (
     "poisson at a rate declared by the caller, who supplied the batches (an assumption, not a guarantee)"
 )
@@ -32,6 +33,7 @@ RANDOMNESS_SEEDED = "seeded from training.seed: reproducible, NOT private (whoev
 RANDOMNESS_SECURE_MODE = RANDOMNESS_SECURE + "; Opacus secure mode (summed Gaussian draws)"
 #: The privacy unit of runs and sessions: what one neighbouring dataset adds or removes.
 PRIVACY_UNIT = "one JSONL record of the training file"
+PRIVACY_UNIT_DATASET = "one JSONL record of the uploaded dataset"
 PRIVACY_UNIT_SESSION = "one record of the caller's dataset, contributing at most one datum per step"
 CALLER_DUTIES = (
     "draw each step's batch by Poisson sampling at the declared sampling_rate, independently of past results",

@@ -8,22 +8,31 @@ same orchestrator code, with the same types and errors.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tensafe.api import (
+    DatasetInfo,
     ExportedPackage,
     ForwardBackwardRequest,
     InferenceSessionCreate,
+    ModelInfo,
     OptimStepRequest,
     PrivacySpent,
+    RemoteInferenceSessionCreate,
+    RemoteTrainingSessionCreate,
     SampleRequest,
     SavedState,
+    SessionConfig,
     SessionInfo,
+    TenantKeys,
     TrainingSessionCreate,
+    TrainStepRequest,
 )
 from tensafe.config import RunConfig
+from tensafe.errors import UsageError
 from tensafe.sdk.doors import LocalDoor, RemoteDoor
 from tensafe.sdk.futures import APIFuture
 from tensafe.types import (
@@ -82,6 +91,16 @@ class TrainingSession:
         request = OptimStepRequest(adam_params=adam_params)
         return _Typed(self._door.submit(self.session_id, request), OptimStepResponse.model_validate)
 
+    def train_step(self, adam_params: AdamParams | None = None) -> APIFuture[OptimStepResponse]:
+        """One step on a batch the session Poisson-samples from its dataset (sessions made with ``dataset=``).
+
+        Under DP the result's metrics carry the epsilon spent and nothing
+        computed from the batch; the certificate says the batches were
+        sampled by the server (or by this process), with no duties left to you.
+        """
+        request = TrainStepRequest(adam_params=adam_params)
+        return _Typed(self._door.submit(self.session_id, request), OptimStepResponse.model_validate)
+
     def sample(
         self, prompts: Sequence[str], sampling_params: SamplingParams | None = None, num_samples: int = 1
     ) -> list[SampleResponse]:
@@ -105,9 +124,16 @@ class TrainingSession:
         None for a session without DP."""
         return self.info().privacy
 
-    def export_tgsp(self, path: str | Path) -> ExportedPackage:
-        """Write the adapter as a signed, encrypted TGSP package to ``path`` (keys from the session config)."""
-        return self._door.export_tgsp(self.session_id, Path(path))
+    def export_tgsp(self, path: str | Path, recipients: Sequence[str | Path] = ()) -> ExportedPackage:
+        """Write the adapter as a signed, encrypted TGSP package to ``path``.
+
+        In-process the keys come from the session config (``tgsp``). On a
+        server the package is signed with your tenant's server-held key and
+        encrypted to your tenant's server-held recipient key and to
+        ``recipients`` (public key files): add your own to open it elsewhere.
+        """
+        texts = [_key_text(Path(p)) for p in recipients]
+        return self._door.export_tgsp(self.session_id, Path(path), texts)
 
 
 class InferenceSession:
@@ -139,8 +165,6 @@ class TenSafeClient:
         max_retries: int = 5,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        from tensafe.errors import UsageError
-
         if base_url is None:
             if api_key is not None:
                 raise UsageError("an API key needs a server: TenSafeClient(base_url, api_key)")
@@ -158,27 +182,95 @@ class TenSafeClient:
         self,
         config: RunConfig | None = None,
         *,
+        model: str | None = None,
+        dataset: DatasetInfo | str | Path | None = None,
         sampling_rate: float | None = None,
         dataset_size: int | None = None,
     ) -> TrainingSession:
-        """A fresh adapter on ``config.model``; with DP, declare the Poisson rate your batches are drawn at."""
-        spec = TrainingSessionCreate(
-            config=config or RunConfig(), sampling_rate=sampling_rate, dataset_size=dataset_size
-        )
-        return TrainingSession(self._door, self._door.create_training(spec))
+        """A fresh adapter on a base model.
 
-    def create_inference_session(
-        self, config: RunConfig | None = None, *, adapter: ExportedPackage | str | Path | None = None
-    ) -> InferenceSession:
-        """Serve ``config.model``, with an adapter: in-process a path (PEFT directory or .tgsp), remotely
-        a package exported on the server (the :class:`ExportedPackage` or its artifact id)."""
+        ``model``: on a server, the name of one of its models (:meth:`models`);
+        in-process, a local directory (the same as ``config.model.path``).
+
+        With ``dataset`` (a JSONL file, or on a server a dataset already
+        uploaded) the session draws every batch itself by Poisson sampling at
+        ``training.batch_size / records``: call :meth:`TrainingSession.train_step`.
+        Without it you supply the batches; with DP, declare the Poisson rate
+        you draw them at (``sampling_rate``).
+        """
         config = config or RunConfig()
         if isinstance(self._door, RemoteDoor):
-            artifact = adapter.artifact_id if isinstance(adapter, ExportedPackage) else adapter
-            spec = InferenceSessionCreate(
-                config=config, adapter_artifact_id=None if artifact is None else str(artifact)
+            dataset_id = None
+            if dataset is not None:
+                dataset_id = self._dataset_id(dataset)
+            remote = RemoteTrainingSessionCreate(
+                config=SessionConfig.from_run_config(config, model),
+                sampling_rate=sampling_rate,
+                dataset_size=dataset_size,
+                dataset_id=dataset_id,
             )
-            return InferenceSession(self._door, self._door.create_inference(spec, None))
+            return TrainingSession(self._door, self._door.create_training(remote))
+        if model is not None:
+            config = config.model_copy(update={"model": config.model.model_copy(update={"path": model})})
+        if isinstance(dataset, DatasetInfo):
+            raise UsageError("an uploaded dataset lives on its server; in-process, pass the JSONL file's path")
+        spec = TrainingSessionCreate(config=config, sampling_rate=sampling_rate, dataset_size=dataset_size)
+        local = None if dataset is None else Path(dataset)
+        return TrainingSession(self._door, self._door.create_training(spec, local))
+
+    def _dataset_id(self, dataset: DatasetInfo | str | Path) -> str:
+        if isinstance(dataset, DatasetInfo):
+            return dataset.dataset_id
+        if isinstance(dataset, str) and re.fullmatch(r"[0-9a-f]{32}", dataset):
+            return dataset
+        return self.upload_dataset(Path(dataset)).dataset_id
+
+    def upload_dataset(self, path: str | Path, name: str | None = None) -> DatasetInfo:
+        """Upload a JSONL dataset to the server (kept encrypted under your tenant key)."""
+        door = self._remote("upload_dataset")
+        return door.upload_dataset(Path(path), name if name is not None else Path(path).name)
+
+    def upload_package(self, path: str | Path, name: str | None = None) -> ExportedPackage:
+        """Upload a TGSP package; the server keeps it only if it verifies (signer it trusts, encrypted to
+        your tenant's recipient key, :meth:`tenant_keys`). Serve it with ``create_inference_session``."""
+        door = self._remote("upload_package")
+        return door.upload_package(Path(path), name if name is not None else Path(path).name)
+
+    def models(self) -> list[ModelInfo]:
+        """The server's models, by the names its operator registered."""
+        return self._remote("models").models()
+
+    def tenant_keys(self) -> TenantKeys:
+        """The public halves of the TGSP keys the server holds for you: trust the signing key locally,
+        encrypt packages you upload to the recipient key."""
+        return self._remote("tenant_keys").tenant_keys()
+
+    def _remote(self, what: str) -> RemoteDoor:
+        if not isinstance(self._door, RemoteDoor):
+            raise UsageError(f"{what} is for a TenSafe server: TenSafeClient(base_url, api_key)")
+        return self._door
+
+    def create_inference_session(
+        self,
+        config: RunConfig | None = None,
+        *,
+        model: str | None = None,
+        adapter: ExportedPackage | str | Path | None = None,
+    ) -> InferenceSession:
+        """Serve a base model (``model`` as in :meth:`create_training_session`), with an adapter: in-process
+        a path (PEFT directory or .tgsp), remotely a package on the server (exported or uploaded: the
+        :class:`ExportedPackage` or its artifact id)."""
+        config = config or RunConfig()
+        if isinstance(self._door, RemoteDoor):
+            if isinstance(adapter, Path):
+                raise UsageError("a server opens only packages it holds: upload_package first")
+            artifact = adapter.artifact_id if isinstance(adapter, ExportedPackage) else adapter
+            remote = RemoteInferenceSessionCreate(
+                config=SessionConfig.from_run_config(config, model), adapter_artifact_id=artifact
+            )
+            return InferenceSession(self._door, self._door.create_inference(remote))
+        if model is not None:
+            config = config.model_copy(update={"model": config.model.model_copy(update={"path": model})})
         path = Path(adapter.artifact_id) if isinstance(adapter, ExportedPackage) else adapter
         spec = InferenceSessionCreate(config=config)
         return InferenceSession(self._door, self._door.create_inference(spec, None if path is None else Path(path)))
@@ -191,3 +283,10 @@ class TenSafeClient:
 
     def __exit__(self, *_: object) -> None:
         self.close()
+
+
+def _key_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read public key file {path}: {exc}") from None

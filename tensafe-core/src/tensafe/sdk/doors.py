@@ -19,20 +19,28 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from tensafe.api import (
+    DatasetInfo,
     ExportedPackage,
+    ExportRequest,
     ForwardBackwardRequest,
     FutureInfo,
     InferenceSessionCreate,
     LoadStateRequest,
+    ModelInfo,
     OptimStepRequest,
+    RemoteInferenceSessionCreate,
+    RemoteTrainingSessionCreate,
     SampleRequest,
     SampleResult,
     SavedState,
     SaveStateRequest,
     SessionInfo,
+    TenantKeys,
     TrainingSessionCreate,
+    TrainStepRequest,
 )
-from tensafe.errors import MissingDependencyError, NotFound, OperationFailed
+from tensafe.data import load_records
+from tensafe.errors import MissingDependencyError, NotFound, OperationFailed, UsageError
 from tensafe.sdk.errors import error_from
 from tensafe.sdk.futures import APIFuture
 from tensafe.sessions import InferenceSessionCore, TrainingSessionCore
@@ -43,13 +51,15 @@ if TYPE_CHECKING:
     from tensafe.plugins import TensafePluginManager
 
 T = TypeVar("T")
-Queued = ForwardBackwardRequest | OptimStepRequest
+Queued = ForwardBackwardRequest | OptimStepRequest | TrainStepRequest
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 
 def _run_queued(core: TrainingSessionCore, request: Queued) -> dict[str, Any]:
     if isinstance(request, ForwardBackwardRequest):
         return core.forward_backward(request.data, request.loss_fn, request.loss_fn_config).model_dump()
+    if isinstance(request, TrainStepRequest):
+        return core.train_step(request.adam_params).model_dump()
     return core.optim_step(request.adam_params).model_dump()
 
 
@@ -89,9 +99,12 @@ class LocalDoor:
     def _in_order(self, session_id: str, work: Callable[[Any], T]) -> T:
         return self._session(session_id).run(work).result()
 
-    def create_training(self, spec: TrainingSessionCreate) -> SessionInfo:
+    def create_training(self, spec: TrainingSessionCreate, dataset: Path | None = None) -> SessionInfo:
+        """A session on batches the caller supplies, or (``dataset``, a JSONL file) on batches it samples itself."""
         session_id = uuid.uuid4().hex
-        self._sessions[session_id] = _LocalSession(TrainingSessionCore(spec, session_id, plugin_manager=self.pm))
+        records = load_records(dataset) if dataset is not None else None
+        core = TrainingSessionCore(spec, session_id, plugin_manager=self.pm, dataset=records)
+        self._sessions[session_id] = _LocalSession(core)
         return self.info(session_id)
 
     def info(self, session_id: str) -> SessionInfo:
@@ -132,7 +145,10 @@ class LocalDoor:
         self._in_order(session_id, lambda core: core.restore(state, meta))
         return self.info(session_id)
 
-    def export_tgsp(self, session_id: str, path: Path) -> ExportedPackage:
+    def export_tgsp(self, session_id: str, path: Path, recipients: list[str]) -> ExportedPackage:
+        if recipients:
+            raise UsageError("in-process sessions encrypt to the recipients in config.tgsp.recipients")
+
         def work(core: TrainingSessionCore) -> ExportedPackage:
             manifest = core.export_tgsp(path)
             return ExportedPackage(artifact_id=str(path), package_id=manifest.get("package_id"), step=core.step)
@@ -191,13 +207,26 @@ class RemoteDoor:
         #: One lock per session, so operations from several threads reach the server in call order.
         self._order: dict[str, threading.Lock] = {}
 
-    def request(self, method: str, path: str, *, body: Any = None, headers: dict[str, str] | None = None) -> Any:
-        """Send, retrying transient failures with exponential backoff and jitter; raise typed errors."""
-        content = body.model_dump_json() if body is not None else None
-        all_headers = {"Content-Type": "application/json", **(headers or {})}
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+        raw: bytes | None = None,
+        params: dict[str, str] | None = None,
+    ) -> Any:
+        """Send, retrying transient failures with exponential backoff and jitter; raise typed errors.
+
+        ``body`` is a request model sent as JSON; ``raw`` bytes are sent as they are (uploads).
+        """
+        content = raw if raw is not None else body.model_dump_json() if body is not None else None
+        kind = "application/octet-stream" if raw is not None else "application/json"
+        all_headers = {"Content-Type": kind, **(headers or {})}
         for attempt in range(self.max_retries + 1):
             try:
-                response = self._http.request(method, path, content=content, headers=all_headers)
+                response = self._http.request(method, path, content=content, headers=all_headers, params=params)
             except self._httpx.TransportError as exc:
                 if attempt == self.max_retries:
                     raise OperationFailed(f"cannot reach the TenSafe server: {exc}", retryable=True) from None
@@ -224,14 +253,33 @@ class RemoteDoor:
     def _lock(self, session_id: str) -> threading.Lock:
         return self._order.setdefault(session_id, threading.Lock())
 
-    def create_training(self, spec: TrainingSessionCreate) -> SessionInfo:
+    def create_training(self, spec: RemoteTrainingSessionCreate) -> SessionInfo:
         return SessionInfo.model_validate(self.request("POST", "/training", body=spec))
+
+    def models(self) -> list[ModelInfo]:
+        return [ModelInfo.model_validate(m) for m in self.request("GET", "/models")]
+
+    def tenant_keys(self) -> TenantKeys:
+        return TenantKeys.model_validate(self.request("GET", "/keys"))
+
+    def upload_dataset(self, path: Path, name: str) -> DatasetInfo:
+        data = self.request("POST", "/datasets", raw=_read(path), params={"name": name})
+        return DatasetInfo.model_validate(data)
+
+    def upload_package(self, path: Path, name: str) -> ExportedPackage:
+        return ExportedPackage.model_validate(self.request("POST", "/packages", raw=_read(path), params={"name": name}))
 
     def info(self, session_id: str) -> SessionInfo:
         return SessionInfo.model_validate(self.request("GET", f"/training/{session_id}"))
 
     def submit(self, session_id: str, request: Queued) -> APIFuture[dict[str, Any]]:
-        operation = "forward_backward" if isinstance(request, ForwardBackwardRequest) else "optim_step"
+        operation = (
+            "forward_backward"
+            if isinstance(request, ForwardBackwardRequest)
+            else "train_step"
+            if isinstance(request, TrainStepRequest)
+            else "optim_step"
+        )
         # The same key on every retry: the server runs a resubmitted operation once.
         key = uuid.uuid4().hex
         with self._lock(session_id):
@@ -269,18 +317,15 @@ class RemoteDoor:
             data = self.request("POST", f"/training/{session_id}/load_state", body=LoadStateRequest(state_id=state_id))
         return SessionInfo.model_validate(data)
 
-    def export_tgsp(self, session_id: str, path: Path) -> ExportedPackage:
-        from tensafe.api import ExportRequest
-
+    def export_tgsp(self, session_id: str, path: Path, recipients: list[str]) -> ExportedPackage:
         with self._lock(session_id):
-            data = self.request("POST", f"/training/{session_id}/export_tgsp", body=ExportRequest())
+            body = ExportRequest(recipients=recipients)
+            data = self.request("POST", f"/training/{session_id}/export_tgsp", body=body)
         exported = ExportedPackage.model_validate(data)
         path.write_bytes(self.request("GET", f"/packages/{exported.artifact_id}"))
         return exported
 
-    def create_inference(self, spec: InferenceSessionCreate, adapter: Path | None) -> SessionInfo:
-        if adapter is not None:
-            raise NotFound("a server opens only packages it holds: pass the ExportedPackage (or its artifact id)")
+    def create_inference(self, spec: RemoteInferenceSessionCreate) -> SessionInfo:
         return SessionInfo.model_validate(self.request("POST", "/inference", body=spec))
 
     def generate(self, session_id: str, request: SampleRequest) -> SampleResult:
@@ -290,3 +335,10 @@ class RemoteDoor:
 
     def close(self) -> None:
         self._http.close()
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None

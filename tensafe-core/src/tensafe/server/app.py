@@ -13,6 +13,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -20,19 +21,23 @@ from tensafe import __version__
 from tensafe.api import (
     AuditRecordInfo,
     AuditVerification,
+    DatasetInfo,
     ExportedPackage,
     ExportRequest,
     ForwardBackwardRequest,
     FutureInfo,
-    InferenceSessionCreate,
     LoadStateRequest,
+    ModelInfo,
     OptimStepRequest,
+    RemoteInferenceSessionCreate,
+    RemoteTrainingSessionCreate,
     SampleRequest,
     SampleResult,
     SavedState,
     SaveStateRequest,
     SessionInfo,
-    TrainingSessionCreate,
+    TenantKeys,
+    TrainStepRequest,
 )
 from tensafe.errors import (
     NotFound,
@@ -47,6 +52,8 @@ from tensafe.errors import (
 )
 from tensafe.server.auth import authenticate
 from tensafe.server.service import SessionService
+from tensafe.server.tenant_keys import MAX_PACKAGE_BYTES
+from tensafe.server.uploads import MAX_DATASET_BYTES, receive
 from tensafe.types import INT64_MAX
 
 #: Largest request body accepted (a forward_backward batch of long sequences fits easily).
@@ -78,12 +85,13 @@ def _error_response(status: int, body: dict[str, Any]) -> JSONResponse:
 class BodyLimit:
     """Refuses bodies over the limit before reading them (by Content-Length) or while reading them."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, exempt: tuple[str, ...] = ()) -> None:
         self.app = app
         self.limit = limit
+        self.exempt = frozenset(exempt)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or (scope.get("method") == "POST" and scope.get("path") in self.exempt):
             await self.app(scope, receive, send)
             return
         too_large = _error_response(413, PayloadTooLarge(f"request body exceeds {self.limit} bytes").to_dict())
@@ -134,6 +142,10 @@ def _tenant(request: Request, authorization: Annotated[str | None, Header()] = N
 Tenant = Annotated[str, Depends(_tenant)]
 #: Sent by the SDK with each queued operation, so a retried submission is not run twice.
 IdempotencyKey = Annotated[str | None, Header(max_length=64)]
+#: A label for an upload.
+UploadName = Annotated[str, Query(max_length=200, pattern=r"^[^\x00-\x1f]*$")]
+#: Paths whose bodies are streamed to disk under their own cap instead of read into memory.
+UPLOAD_PATHS = (f"{PREFIX}/packages", f"{PREFIX}/datasets")
 
 
 def create_app(service: SessionService, *, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
@@ -183,7 +195,7 @@ def create_app(service: SessionService, *, max_body_bytes: int = MAX_BODY_BYTES)
     # -- training -------------------------------------------------------------
 
     @app.post(f"{PREFIX}/training", tags=["training"], status_code=201)
-    def create_training(body: TrainingSessionCreate, tenant_id: Tenant) -> SessionInfo:
+    def create_training(body: RemoteTrainingSessionCreate, tenant_id: Tenant) -> SessionInfo:
         return service.create_training(tenant_id, body)
 
     @app.get(f"{PREFIX}/training", tags=["training"])
@@ -206,6 +218,13 @@ def create_app(service: SessionService, *, max_body_bytes: int = MAX_BODY_BYTES)
     ) -> FutureInfo:
         return service.submit(tenant_id, session_id, body, idempotency_key)
 
+    @app.post(f"{PREFIX}/training/{{session_id}}/train_step", tags=["training"], status_code=202)
+    def train_step(
+        session_id: str, body: TrainStepRequest, tenant_id: Tenant, idempotency_key: IdempotencyKey = None
+    ) -> FutureInfo:
+        """One step on a batch the server Poisson-samples from the session's dataset (sessions with dataset_id)."""
+        return service.submit(tenant_id, session_id, body, idempotency_key)
+
     @app.post(f"{PREFIX}/training/{{session_id}}/sample", tags=["training"])
     def sample(session_id: str, body: SampleRequest, tenant_id: Tenant) -> SampleResult:
         return service.sample(tenant_id, session_id, body)
@@ -220,7 +239,7 @@ def create_app(service: SessionService, *, max_body_bytes: int = MAX_BODY_BYTES)
 
     @app.post(f"{PREFIX}/training/{{session_id}}/export_tgsp", tags=["training"])
     def export_tgsp(session_id: str, body: ExportRequest, tenant_id: Tenant) -> ExportedPackage:
-        return service.export_tgsp(tenant_id, session_id, body.name)
+        return service.export_tgsp(tenant_id, session_id, body)
 
     @app.get(f"{PREFIX}/futures/{{future_id}}", tags=["training"])
     def future(future_id: str, tenant_id: Tenant, wait: Annotated[float, Query(ge=0, le=30)] = 0.0) -> FutureInfo:
@@ -230,10 +249,37 @@ def create_app(service: SessionService, *, max_body_bytes: int = MAX_BODY_BYTES)
     def package(artifact_id: str, tenant_id: Tenant) -> Response:
         return Response(service.package_bytes(tenant_id, artifact_id), media_type="application/octet-stream")
 
+    @app.post(f"{PREFIX}/packages", tags=["packages"], status_code=201)
+    async def upload_package(request: Request, tenant_id: Tenant, name: UploadName = "") -> ExportedPackage:
+        """Upload a TGSP package (the body, as bytes). It is stored only once it verifies as the server would
+        open it: signed by the tenant's server-held key or a signer the operator trusts, within its policy,
+        and encrypted to the tenant's recipient key (GET /api/v1/keys)."""
+        with service.tgsp.workspace() as directory:
+            path = await receive(request, directory / "upload.tgsp", MAX_PACKAGE_BYTES)
+            return await run_in_threadpool(service.upload_package, tenant_id, path, name)
+
+    @app.get(f"{PREFIX}/keys", tags=["packages"])
+    def tenant_keys(tenant_id: Tenant) -> TenantKeys:
+        """The public halves of the TGSP keys the server holds for you."""
+        return service.tenant_keys(tenant_id)
+
+    @app.post(f"{PREFIX}/datasets", tags=["training"], status_code=201)
+    async def upload_dataset(request: Request, tenant_id: Tenant, name: UploadName = "") -> DatasetInfo:
+        """Upload a JSONL dataset (the body), stored encrypted under your tenant key; train on it with a
+        session created with its dataset_id, whose batches the server Poisson-samples."""
+        with service.tgsp.workspace() as directory:
+            path = await receive(request, directory / "dataset.jsonl", MAX_DATASET_BYTES)
+            return await run_in_threadpool(service.upload_dataset, tenant_id, path.read_bytes(), name)
+
+    @app.get(f"{PREFIX}/models", tags=["inference"])
+    def models(tenant_id: Tenant) -> list[ModelInfo]:
+        """The models this server trains and serves, by the names its operator registered."""
+        return service.models_listing()
+
     # -- inference ------------------------------------------------------------
 
     @app.post(f"{PREFIX}/inference", tags=["inference"], status_code=201)
-    def create_inference(body: InferenceSessionCreate, tenant_id: Tenant) -> SessionInfo:
+    def create_inference(body: RemoteInferenceSessionCreate, tenant_id: Tenant) -> SessionInfo:
         return service.create_inference(tenant_id, body)
 
     @app.get(f"{PREFIX}/inference/{{session_id}}", tags=["inference"])
@@ -261,5 +307,5 @@ def create_app(service: SessionService, *, max_body_bytes: int = MAX_BODY_BYTES)
     def audit_verify(tenant_id: Tenant) -> AuditVerification:
         return service.verify_audit(tenant_id)
 
-    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.add_middleware(BodyLimit, limit=max_body_bytes, exempt=UPLOAD_PATHS)
     return app

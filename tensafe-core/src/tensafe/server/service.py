@@ -19,11 +19,10 @@ import hashlib
 import hmac
 import json
 import os
-import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,20 +35,26 @@ from sqlalchemy.orm import Session
 from tensafe.api import (
     AuditRecordInfo,
     AuditVerification,
+    DatasetInfo,
     ErrorInfo,
     ExportedPackage,
+    ExportRequest,
     ForwardBackwardRequest,
     FutureInfo,
-    InferenceSessionCreate,
+    ModelInfo,
     OptimStepRequest,
     PrivacySpent,
+    RemoteInferenceSessionCreate,
+    RemoteTrainingSessionCreate,
     SampleRequest,
     SampleResult,
     SavedState,
     SessionInfo,
+    TenantKeys,
     TrainingSessionCreate,
+    TrainStepRequest,
 )
-from tensafe.errors import NotFound, OperationFailed, TensafeError
+from tensafe.errors import NotFound, OperationFailed, TensafeError, UsageError
 from tensafe.plugins import TensafePluginManager, create_plugin_manager
 from tensafe.server import audit
 from tensafe.server.crypto import (
@@ -62,6 +67,9 @@ from tensafe.server.crypto import (
     sign_meta,
 )
 from tensafe.server.db import DB_FILE, ArtifactRow, AuditRow, FutureRow, SessionRow, Tenant, database_url, open_database
+from tensafe.server.models import ModelRegistry
+from tensafe.server.tenant_keys import TenantKeyring, clear_scratch
+from tensafe.server.uploads import parse_dataset
 from tensafe.sessions import InferenceSessionCore, TrainingSessionCore
 
 T = TypeVar("T")
@@ -75,8 +83,26 @@ def _new_id() -> str:
     return uuid.uuid4().hex
 
 
+Queued = ForwardBackwardRequest | OptimStepRequest | TrainStepRequest
+
+
+def _operation(request: Queued) -> str:
+    if isinstance(request, ForwardBackwardRequest):
+        return "forward_backward"
+    return "optim_step" if isinstance(request, OptimStepRequest) else "train_step"
+
+
+def _execute(core: TrainingSessionCore, request: Queued) -> dict[str, Any]:
+    """Run a queued operation on its session; the result as the caller gets it."""
+    if isinstance(request, ForwardBackwardRequest):
+        return core.forward_backward(request.data, request.loss_fn, request.loss_fn_config).model_dump()
+    if isinstance(request, OptimStepRequest):
+        return core.optim_step(request.adam_params).model_dump()
+    return core.train_step(request.adam_params).model_dump()
+
+
 def _audited(
-    core: TrainingSessionCore, request: ForwardBackwardRequest | OptimStepRequest, result: dict[str, Any], key: bytes
+    core: TrainingSessionCore, request: Queued, result: dict[str, Any], key: bytes
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The request and result a queued operation's audit record covers.
 
@@ -87,7 +113,7 @@ def _audited(
     """
     if core.privacy is None:
         return request.model_dump(mode="json"), result
-    if isinstance(request, OptimStepRequest):
+    if not isinstance(request, ForwardBackwardRequest):
         return request.model_dump(mode="json"), {"step": core.step}
     canonical = json.dumps(
         [d.model_dump(mode="json") for d in request.data], sort_keys=True, separators=(",", ":")
@@ -129,6 +155,8 @@ class SessionService:
         database: str | None = None,
         plugin_manager: TensafePluginManager | None = None,
         master_key_file: Path | None = None,
+        models: ModelRegistry | None = None,
+        trusted_signers: Sequence[Path] = (),
     ) -> None:
         self.data_dir = data_dir
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -144,6 +172,9 @@ class SessionService:
         self._loading = threading.Lock()
         self._done: dict[str, threading.Event] = {}
         self._tenant_keys: dict[str, bytes] = {}
+        self.models = models if models is not None else ModelRegistry.embedded()
+        self.scratch = clear_scratch(data_dir)
+        self.tgsp = TenantKeyring(self, self.scratch, trusted_signers)
 
     def close(self) -> None:
         for live in list(self._live.values()):
@@ -251,7 +282,7 @@ class SessionService:
             raise NotFound(f"no {kind or ''} session {session_id}".replace("  ", " "))
         return row
 
-    def _store_artifact(
+    def store_artifact(
         self, db: Session, tenant_id: str, kind: str, data: bytes, name: str = "", meta: dict[str, Any] | None = None
     ) -> str:
         artifact_id = _new_id()
@@ -295,8 +326,9 @@ class SessionService:
     def _rebuild(self, db: Session, row: SessionRow) -> Any:
         """A session's core from its stored spec and its last committed state."""
         if row.kind == "inference":
-            return self._inference_core(db, row.tenant_id, row.id, InferenceSessionCreate.model_validate_json(row.spec))
-        core = TrainingSessionCore(TrainingSessionCreate.model_validate_json(row.spec), row.id, plugin_manager=self.pm)
+            spec = RemoteInferenceSessionCreate.model_validate_json(row.spec)
+            return self._inference_core(db, row.tenant_id, row.id, spec)
+        core = self._training_core(db, row.tenant_id, row.id, RemoteTrainingSessionCreate.model_validate_json(row.spec))
         if row.state_artifact is not None:
             _, state = self._artifact(db, row.tenant_id, row.state_artifact, "session")
             core.restore(state, self._session_meta(row), keep_higher_spend=False)
@@ -335,7 +367,7 @@ class SessionService:
         spent = core.privacy_spent()
         meta["spent"] = spent.model_dump() if spent is not None else None
         previous = row.state_artifact
-        row.state_artifact = self._store_artifact(db, tenant_id, "session", state)
+        row.state_artifact = self.store_artifact(db, tenant_id, "session", state)
         binding = f"{tenant_id}/{row.state_artifact}"
         row.step, row.meta, row.epsilon = core.step, sign_meta(self.keyring.meta_key, binding, meta), core.epsilon()
         if previous is not None:
@@ -344,9 +376,24 @@ class SessionService:
 
     # -- training sessions -----------------------------------------------------------
 
-    def create_training(self, tenant_id: str, spec: TrainingSessionCreate) -> SessionInfo:
+    def models_listing(self) -> list[ModelInfo]:
+        return self.models.listing()
+
+    def _training_core(
+        self, db: Session, tenant_id: str, session_id: str, spec: RemoteTrainingSessionCreate
+    ) -> TrainingSessionCore:
+        """A session's core: the registered model, and the tenant's dataset when the server samples."""
+        config = self.models.run_config(spec.config, self.scratch)
+        local = TrainingSessionCreate(config=config, sampling_rate=spec.sampling_rate, dataset_size=spec.dataset_size)
+        dataset = None
+        if spec.dataset_id is not None:
+            dataset = parse_dataset(self._artifact(db, tenant_id, spec.dataset_id, "dataset")[1])
+        return TrainingSessionCore(local, session_id, plugin_manager=self.pm, dataset=dataset)
+
+    def create_training(self, tenant_id: str, spec: RemoteTrainingSessionCreate) -> SessionInfo:
         session_id = _new_id()
-        core = TrainingSessionCore(spec, session_id, plugin_manager=self.pm)
+        with self.db() as db:
+            core = self._training_core(db, tenant_id, session_id, spec)
         with self.db() as db:
             row = SessionRow(
                 id=session_id, tenant_id=tenant_id, kind="training", spec=spec.model_dump_json(), created=time.time()
@@ -382,11 +429,11 @@ class SessionService:
         self,
         tenant_id: str,
         session_id: str,
-        request: ForwardBackwardRequest | OptimStepRequest,
+        request: Queued,
         request_key: str | None = None,
     ) -> FutureInfo:
-        """Queue forward_backward or optim_step; a repeated ``request_key`` returns the first submission."""
-        operation = "forward_backward" if isinstance(request, ForwardBackwardRequest) else "optim_step"
+        """Queue forward_backward, optim_step or train_step; a repeated ``request_key`` returns the first one."""
+        operation = _operation(request)
         live = self._live_session(tenant_id, session_id, "training")
         with self.db() as db:
             if request_key is not None:
@@ -414,19 +461,12 @@ class SessionService:
         live.worker.submit(self._run, live, session_id, future.id, request)
         return self._future_info(future, b"")
 
-    def _run(
-        self, live: _Live, session_id: str, future_id: str, request: ForwardBackwardRequest | OptimStepRequest
-    ) -> None:
+    def _run(self, live: _Live, session_id: str, future_id: str, request: Queued) -> None:
         core: TrainingSessionCore = live.core
         try:
             before = core.step
             try:
-                if isinstance(request, ForwardBackwardRequest):
-                    result: dict[str, Any] = core.forward_backward(
-                        request.data, request.loss_fn, request.loss_fn_config
-                    ).model_dump()
-                else:
-                    result = core.optim_step(request.adam_params).model_dump()
+                result = _execute(core, request)
             except Exception as exc:
                 with self.db() as db:
                     db.execute(
@@ -437,9 +477,8 @@ class SessionService:
                 return
             replaced = None
             with self.db() as db:
-                operation = "forward_backward"
-                if isinstance(request, OptimStepRequest):
-                    operation = "optim_step"
+                operation = _operation(request)
+                if operation != "forward_backward":
                     row = self._row(db, live.tenant_id, session_id)
                     replaced = self._commit_state(db, live.tenant_id, row, core)
                 db.execute(
@@ -516,7 +555,7 @@ class SessionService:
         def work() -> SavedState:
             state, meta = core.snapshot()
             with self.db() as db:
-                state_id = self._store_artifact(db, tenant_id, "state", state, name or "", meta)
+                state_id = self.store_artifact(db, tenant_id, "state", state, name or "", meta)
                 saved = SavedState(state_id=state_id, step=core.step, epsilon=core.epsilon())
                 audit.append(
                     db,
@@ -559,18 +598,24 @@ class SessionService:
 
         return self._on_worker(live, work)
 
-    def export_tgsp(self, tenant_id: str, session_id: str, name: str | None = None) -> ExportedPackage:
+    def export_tgsp(self, tenant_id: str, session_id: str, request: ExportRequest) -> ExportedPackage:
+        """Sign the adapter with the tenant's key; encrypt it to the tenant's key and ``request.recipients``."""
         live = self._live_session(tenant_id, session_id, "training")
         core: TrainingSessionCore = live.core
+        name = request.name
 
         def work() -> ExportedPackage:
-            with tempfile.TemporaryDirectory(prefix="tensafe-export-") as scratch:
-                output = Path(scratch) / "adapter.tgsp"
-                manifest = core.export_tgsp(output)
+            with self.tgsp.workspace() as directory, self.tgsp.files(tenant_id, directory) as keys:
+                output = directory / "adapter.tgsp"
+                settings = self.tgsp.export_settings(keys, directory, request.recipients)
+                try:
+                    manifest = core.export_tgsp(output, settings)
+                except TensafeError as exc:
+                    raise UsageError(f"export refused: {exc}") from None
                 package = output.read_bytes()
             with self.db() as db:
                 meta = {"package_id": manifest.get("package_id"), "session_id": session_id}
-                artifact_id = self._store_artifact(db, tenant_id, "tgsp", package, name or "", meta)
+                artifact_id = self.store_artifact(db, tenant_id, "tgsp", package, name or "", meta)
                 exported = ExportedPackage(
                     artifact_id=artifact_id, package_id=manifest.get("package_id"), step=core.step
                 )
@@ -593,20 +638,73 @@ class SessionService:
         with self.db() as db:
             return self._artifact(db, tenant_id, artifact_id, "tgsp")[1]
 
+    def tenant_keys(self, tenant_id: str) -> TenantKeys:
+        """The public halves of the tenant's server-held TGSP keys."""
+        return self.tgsp.public(tenant_id)
+
+    def upload_package(self, tenant_id: str, package: Path, name: str = "") -> ExportedPackage:
+        """Store an uploaded TGSP package once it verifies as the server would open it (see TenantKeyring)."""
+        manifest = self.tgsp.check_package(tenant_id, package, self._base_model_id(None))
+        data = package.read_bytes()
+        with self.db() as db:
+            package_id = manifest.get("package_id")
+            meta = {"package_id": package_id, "uploaded": True}
+            artifact_id = self.store_artifact(db, tenant_id, "tgsp", data, name, meta)
+            uploaded = ExportedPackage(artifact_id=artifact_id, package_id=str(package_id), step=0)
+            audit.append(
+                db,
+                self.keyring.audit_key,
+                tenant_id,
+                "package.upload",
+                artifact_id,
+                {"name": name, "sha256": hashlib.sha256(data).hexdigest()},
+                uploaded.model_dump(),
+            )
+        return uploaded
+
+    def _base_model_id(self, name: str | None) -> str:
+        from tensafe.engine.packaging import EMBEDDED_MODEL_ID
+
+        path = self.models.resolve(name)
+        return EMBEDDED_MODEL_ID if path is None else str(path)
+
+    def upload_dataset(self, tenant_id: str, data: bytes, name: str = "") -> DatasetInfo:
+        """Store a JSONL dataset, sealed under the tenant key, for sessions the server samples."""
+        records = parse_dataset(data)
+        with self.db() as db:
+            dataset_id = self.store_artifact(db, tenant_id, "dataset", data, name, {"records": len(records)})
+            audit.append(
+                db,
+                self.keyring.audit_key,
+                tenant_id,
+                "dataset.upload",
+                dataset_id,
+                {"name": name},
+                {"records": len(records)},
+            )
+        return DatasetInfo(dataset_id=dataset_id, records=len(records), name=name)
+
     # -- inference sessions ------------------------------------------------------
 
     def _inference_core(
-        self, db: Session, tenant_id: str, session_id: str, spec: InferenceSessionCreate
+        self, db: Session, tenant_id: str, session_id: str, spec: RemoteInferenceSessionCreate
     ) -> InferenceSessionCore:
+        config = self.models.run_config(spec.config, self.scratch)
         if spec.adapter_artifact_id is None:
-            return InferenceSessionCore(spec.config, session_id, plugin_manager=self.pm)
+            return InferenceSessionCore(config, session_id, plugin_manager=self.pm)
         _, package = self._artifact(db, tenant_id, spec.adapter_artifact_id, "tgsp")
-        with tempfile.TemporaryDirectory(prefix="tensafe-package-") as scratch:
-            path = Path(scratch) / "adapter.tgsp"
+        with self.tgsp.workspace() as directory, self.tgsp.files(tenant_id, directory) as keys:
+            path = directory / "adapter.tgsp"
             path.write_bytes(package)
-            return InferenceSessionCore(spec.config, session_id, adapter=path, plugin_manager=self.pm)
+            config = config.model_copy(update={"tgsp": self.tgsp.open_settings(keys)})
+            try:
+                return InferenceSessionCore(config, session_id, adapter=path, plugin_manager=self.pm)
+            except TensafeError as exc:
+                if isinstance(exc, NotFound):
+                    raise
+                raise UsageError(f"the package cannot be served: {exc}") from None
 
-    def create_inference(self, tenant_id: str, spec: InferenceSessionCreate) -> SessionInfo:
+    def create_inference(self, tenant_id: str, spec: RemoteInferenceSessionCreate) -> SessionInfo:
         session_id = _new_id()
         with self.db() as db:
             core = self._inference_core(db, tenant_id, session_id, spec)
