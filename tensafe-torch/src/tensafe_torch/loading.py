@@ -2,11 +2,16 @@
 
 Also the quiet imports: PEFT's deprecation noise and Opacus' root log handler
 are kept away from the user.
+
+Models are built one at a time in a process (see :func:`building_model`):
+the server creates sessions on many threads at once, and building a model is
+not thread-safe.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +29,22 @@ ATTENTION_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "c_attn",
 MLP_NAMES = ("gate_proj", "up_proj", "down_proj", "fc1", "fc2", "c_fc", "dense_h_to_4h", "dense_4h_to_h")
 UNEMBED_NAMES = ("lm_head",)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+#: Held while a model is built. transformers' ``from_pretrained`` swaps process-wide state for the
+#: duration of a load (torch's default dtype, ``PreTrainedModel.tie_weights``, ``torch.nn.init``'s
+#: functions, ``torch.linspace``) and puts back what it found on exit: two loads on two threads
+#: interleave, the later one puts back the earlier one's stand-ins, and from then on every load in the
+#: process leaves its tied weights on the meta device ("Cannot copy out of meta tensor"). Its lazy
+#: imports also fail (ImportError) when two threads trigger them at once. Reentrant, so a caller may
+#: hold it around a whole build (loading, then wrapping with PEFT under a seeded global RNG).
+_BUILDING = threading.RLock()
+
+
+@contextlib.contextmanager
+def building_model() -> Iterator[None]:
+    """Hold the process's model-building lock: no other thread loads or builds a model meanwhile."""
+    with _BUILDING:
+        yield
 
 
 @contextlib.contextmanager
@@ -90,11 +111,6 @@ def resolve_device(name: str) -> torch.device:
 
 def load_base(config: RunConfig) -> tuple[Any, Any]:
     """The tokenizer and base model ``config.model`` names: a local directory, the embedded model, or a hub id."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # TenSafe draws its own progress; weight loading is instant here
-
     source = config.model.path or str(assets.TINY_MODEL)
     local = Path(source).expanduser()
     is_local = local.exists() or source.startswith((".", "/", "~"))
@@ -102,14 +118,20 @@ def load_base(config: RunConfig) -> tuple[Any, Any]:
         raise UsageError(f"model path {source!r} is not a model directory (no config.json)")
     if not is_local:
         require_hub(source)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(local) if is_local else source, local_files_only=is_local)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(local) if is_local else source, local_files_only=is_local, dtype=DTYPES[config.model.dtype]
-        )
-    except (OSError, ValueError) as exc:
-        hint = "" if is_local else " (hub models need network access; pass a local directory instead)"
-        raise BackendError(f"could not load model {source!r}: {exc}{hint}") from None
+    with building_model():
+        from safetensors import SafetensorError
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # TenSafe draws its own progress; weight loading is instant here
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(local) if is_local else source, local_files_only=is_local)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(local) if is_local else source, local_files_only=is_local, dtype=DTYPES[config.model.dtype]
+            )
+        except (OSError, ValueError, SafetensorError) as exc:
+            hint = "" if is_local else " (hub models need network access; pass a local directory instead)"
+            raise BackendError(f"could not load model {source!r}: {exc}{hint}") from None
     return tokenizer, model
 
 
