@@ -229,3 +229,54 @@ def test_without_dp_the_chain_covers_each_result_as_returned(api: Api) -> None:
     optim = next(r for r in chain(api) if r["operation"] == "optim_step")
     assert optim["result_hash"] == audit.digest(api.service.keyring.audit_key, done["result"])
     assert optim["epsilon"] is None
+
+
+def test_a_signed_receipt_shows_a_cut_that_rewrote_the_whole_data_directory(
+    api: Api, tmp_path: Path, database: str | None
+) -> None:
+    """Database and head file rolled back together (an old backup restored): only the client's receipt shows it."""
+    alice = api.headers("alice")
+    session_id = create_session(api)
+    step(api, session_id, 1)
+    head_file = tmp_path / "data" / "audit-head.json"
+    backup = head_file.read_text()
+    early = tmp_path / "early.json"
+    early.write_text(api.http.get("/api/v1/audit/receipt", headers=alice).text)
+    step(api, session_id, 2)
+    receipt = api.http.get("/api/v1/audit/receipt", headers=alice).json()
+    assert receipt["seq"] == 5 and receipt["tenant_id"] and receipt["signature"]
+    late = tmp_path / "late.json"
+    late.write_text(json.dumps(receipt))
+    with api.service.db() as db:
+        tenant = db.get(Tenant, _alice(db))
+        assert tenant is not None
+        db.execute(delete(AuditRow).where(AuditRow.tenant_id == tenant.id, AuditRow.seq > 3))
+        third = db.execute(select(AuditRow).where(AuditRow.tenant_id == tenant.id, AuditRow.seq == 3)).scalar_one()
+        tenant.audit_seq, tenant.audit_head = 3, third.hash
+    head_file.write_text(backup)
+    data_dir = tmp_path / "data"
+    assert cli("audit", "verify", data_dir=data_dir, database=database).returncode == 0  # consistent, yet cut
+    assert cli("audit", "verify", "--receipt", str(early), data_dir=data_dir, database=database).returncode == 0
+    cut = cli("audit", "verify", "--receipt", str(early), "--receipt", str(late), data_dir=data_dir, database=database)
+    assert cut.returncode == 1 and "shows record 5, but the chain ends at 3" in cut.stdout
+    forged = tmp_path / "forged.json"
+    forged.write_text(json.dumps({**receipt, "seq": 2}))
+    refused = cli("audit", "verify", "--receipt", str(forged), data_dir=data_dir, database=database)
+    assert refused.returncode == 1 and "invalid signature" in refused.stdout
+    garbage = tmp_path / "garbage.json"
+    garbage.write_text("{}")
+    bad = cli("audit", "verify", "--receipt", str(garbage), data_dir=data_dir, database=database)
+    assert bad.returncode == 2 and "not a TenSafe audit receipt" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_receipt_signed_by_another_server_is_refused(api: Api, tmp_path: Path, database: str | None) -> None:
+    from tensafe.server.receipts import ReceiptSigner
+
+    create_session(api)
+    with api.service.db() as db:
+        alice = _alice(db)
+    other = ReceiptSigner(b"\x01" * 32).issue(alice, 1, "0" * 64)
+    path = tmp_path / "other.json"
+    path.write_text(other.model_dump_json())
+    verdict = cli("audit", "verify", "--receipt", str(path), data_dir=tmp_path / "data", database=database)
+    assert verdict.returncode == 1 and "signed by another key" in verdict.stdout

@@ -342,6 +342,23 @@ class AuditRecordInfo(_Body):
     hash: str
 
 
+class AuditReceipt(_Body):
+    """The server's signed statement that a tenant's audit chain reached record ``seq`` with hash ``head``.
+
+    Kept by the client, it shows a later cut of the chain even to whoever can
+    rewrite the database and everything else on the server's disk
+    (``tensafe audit verify --receipt``); only the master key can sign one.
+    """
+
+    format: Literal["tensafe-audit-receipt-1"] = "tensafe-audit-receipt-1"
+    tenant_id: str = Field(max_length=64)
+    seq: int = Field(ge=0, le=INT64_MAX)
+    head: str = Field(max_length=128)
+    time: float
+    public_key: str = Field(max_length=128, description="The server's Ed25519 receipt key (base64, raw).")
+    signature: str = Field(max_length=256, description="Ed25519 signature (base64) over the other fields.")
+
+
 class AuditVerification(_Body):
     ok: bool
     records: int

@@ -618,14 +618,34 @@ def audit_cmd() -> None:
 @DATABASE_OPTION
 @MASTER_KEY_FILE_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print the verification of each tenant as JSON.")
+@click.option(
+    "--receipt",
+    "receipt_files",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A signed audit receipt a client kept (GET /api/v1/audit/receipt, TenSafeClient.audit_receipt); "
+    "the chain must still hold the record it names. Repeatable.",
+)
 @click.pass_context
 def audit_verify(
-    ctx: click.Context, data_dir: Path, database: str | None, master_key_file: Path | None, as_json: bool
+    ctx: click.Context,
+    data_dir: Path,
+    database: str | None,
+    master_key_file: Path | None,
+    as_json: bool,
+    receipt_files: tuple[Path, ...],
 ) -> None:
-    """Check every tenant's audit chain; exits 1 if any record was edited, deleted, reordered or cut."""
+    """Check every tenant's audit chain; exits 1 if any record was edited, deleted, reordered or cut.
+
+    The chain and the head kept beside it catch changes made through the
+    database. With --receipt, a cut made by rewriting the whole data
+    directory (an old backup restored) is caught too: a receipt is signed
+    with a key only the master key gives.
+    """
+    receipts = [_read_receipt(path) for path in receipt_files]
     service = _service(ctx, data_dir, database, master_key_file)
     try:
-        results = service.verify_all()
+        results = service.verify_all(receipts)
     finally:
         service.close()
     if as_json:
@@ -637,6 +657,17 @@ def audit_verify(
                 click.echo(f"  {problem}")
     if not all(r.ok for r in results.values()):
         ctx.exit(1)
+
+
+def _read_receipt(path: Path) -> Any:
+    from pydantic import ValidationError
+
+    from tensafe.api import AuditReceipt
+
+    try:
+        return AuditReceipt.model_validate_json(path.read_bytes())
+    except (OSError, ValidationError) as exc:
+        raise UsageError(f"{path} is not a TenSafe audit receipt: {str(exc).splitlines()[0]}") from None
 
 
 CORE_COMMANDS = (plugins_cmd, run_cmd, train_cmd, inference_cmd, serve_cmd, keys_cmd, audit_cmd)

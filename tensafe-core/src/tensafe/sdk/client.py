@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tensafe.api import (
+    AuditReceipt,
     DatasetInfo,
     ExportedPackage,
     ForwardBackwardRequest,
@@ -244,6 +245,12 @@ class TenSafeClient:
         """The public halves of the TGSP keys the server holds for you: trust the signing key locally,
         encrypt packages you upload to the recipient key."""
         return self._remote("tenant_keys").tenant_keys()
+
+    def audit_receipt(self) -> AuditReceipt:
+        """A receipt, signed by the server, for your audit chain as it stands. Save it
+        (``receipt.model_dump_json()``): ``tensafe audit verify --receipt FILE`` on the server then fails if
+        the chain was ever cut or rewritten below it, even by someone who rewrote the server's whole disk."""
+        return self._remote("audit_receipt").audit_receipt()
 
     def _remote(self, what: str) -> RemoteDoor:
         if not isinstance(self._door, RemoteDoor):

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from tensafe.api import (
+    AuditReceipt,
     DatasetInfo,
     ExportedPackage,
     ExportRequest,
@@ -262,6 +263,9 @@ class RemoteDoor:
     def tenant_keys(self) -> TenantKeys:
         return TenantKeys.model_validate(self.request("GET", "/keys"))
 
+    def audit_receipt(self) -> AuditReceipt:
+        return AuditReceipt.model_validate(self.request("GET", "/audit/receipt"))
+
     def upload_dataset(self, path: Path, name: str) -> DatasetInfo:
         data = self.request("POST", "/datasets", raw=_read(path), params={"name": name})
         return DatasetInfo.model_validate(data)
@@ -291,12 +295,18 @@ class RemoteDoor:
 
     def _wait(self, info: FutureInfo, timeout: float | None) -> dict[str, Any]:
         deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.05
         while info.status not in ("completed", "failed"):
             left = 30.0 if deadline is None else deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(info.future_id)
             wait = min(30.0, left)
+            asked = time.monotonic()
             info = FutureInfo.model_validate(self.request("GET", f"/futures/{info.future_id}?wait={wait:.3f}"))
+            if info.status not in ("completed", "failed") and time.monotonic() - asked < wait / 2:
+                # The server answered at once (this tenant is at its cap of waits): back off instead of spinning.
+                time.sleep(min(pause, max(0.0, left)))
+                pause = min(pause * 2, 1.0)
         if info.status == "failed":
             assert info.error is not None
             raise error_from(info.error.model_dump(), retryable=info.error.retryable)

@@ -8,6 +8,8 @@ violations, with ``problems``) and ``payload_too_large``.
 
 from __future__ import annotations
 
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Query, Request
@@ -19,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tensafe import __version__
 from tensafe.api import (
+    AuditReceipt,
     AuditRecordInfo,
     AuditVerification,
     DatasetInfo,
@@ -59,6 +62,8 @@ from tensafe.types import INT64_MAX
 #: Largest request body accepted (a forward_backward batch of long sequences fits easily).
 MAX_BODY_BYTES = 32 * 1024 * 1024
 PREFIX = "/api/v1"
+#: How long /readyz waits for the database before answering 503 not_ready.
+READY_TIMEOUT_S = 2.0
 
 
 def status_for(exc: TensafeError) -> int:
@@ -180,16 +185,27 @@ def create_app(service: SessionService, *, max_body_bytes: int = MAX_BODY_BYTES)
 
     app.state.service = service
 
-    @app.get("/healthz", tags=["health"])
-    def health() -> dict[str, str]:
-        return {"status": "ok"}
+    # The health checks never queue behind tenant work: they run on the event loop, and readiness's
+    # database check on a thread of its own (one: a database that hangs ties up no more than that).
+    readiness = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tensafe-readyz")
 
-    @app.get("/readyz", tags=["health"])
-    def ready() -> dict[str, str]:
+    def database_answers() -> None:
         from sqlalchemy import text
 
         with service.db() as db:
             db.execute(text("SELECT 1"))
+
+    @app.get("/healthz", tags=["health"])
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"], response_model=dict[str, str])
+    async def ready() -> dict[str, str] | JSONResponse:
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(readiness.submit(database_answers)), READY_TIMEOUT_S)
+        except Exception:  # a database that fails or hangs: not ready, and no details to an unauthenticated caller
+            message = f"the database did not answer within {READY_TIMEOUT_S:g} s"
+            return _error_response(503, {"error": "not_ready", "message": message})
         return {"status": "ready"}
 
     # -- training -------------------------------------------------------------
@@ -242,8 +258,10 @@ def create_app(service: SessionService, *, max_body_bytes: int = MAX_BODY_BYTES)
         return service.export_tgsp(tenant_id, session_id, body)
 
     @app.get(f"{PREFIX}/futures/{{future_id}}", tags=["training"])
-    def future(future_id: str, tenant_id: Tenant, wait: Annotated[float, Query(ge=0, le=30)] = 0.0) -> FutureInfo:
-        return service.future(tenant_id, future_id, wait)
+    async def future(future_id: str, tenant_id: Tenant, wait: Annotated[float, Query(ge=0, le=30)] = 0.0) -> FutureInfo:
+        """The future's status; with ``wait``, once it finishes or ``wait`` seconds pass. A tenant holds at
+        most MAX_WAITS_PER_TENANT (16) waits at once; past that a request answers at once, as with wait=0."""
+        return await service.wait_future(tenant_id, future_id, wait)
 
     @app.get(f"{PREFIX}/packages/{{artifact_id}}", tags=["training"])
     def package(artifact_id: str, tenant_id: Tenant) -> Response:
@@ -302,6 +320,12 @@ def create_app(service: SessionService, *, max_body_bytes: int = MAX_BODY_BYTES)
         limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
     ) -> list[AuditRecordInfo]:
         return service.audit_records(tenant_id, limit=limit, after=after)
+
+    @app.get(f"{PREFIX}/audit/receipt", tags=["audit"])
+    def audit_receipt(tenant_id: Tenant) -> AuditReceipt:
+        """A receipt, signed by the server, for your audit chain as it stands now. Keep it: `tensafe audit
+        verify --receipt` then fails if the chain is ever cut or rewritten below that point."""
+        return service.audit_receipt(tenant_id)
 
     @app.get(f"{PREFIX}/audit/verify", tags=["audit"])
     def audit_verify(tenant_id: Tenant) -> AuditVerification:

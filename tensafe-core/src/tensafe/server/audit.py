@@ -23,14 +23,16 @@ import json
 import os
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from tensafe.api import AuditVerification
+from tensafe.api import AuditReceipt, AuditVerification
 from tensafe.server.db import AuditRow, Tenant
+from tensafe.server.receipts import ReceiptSigner, chain_problems
 
 
 def digest(key: bytes, data: Any) -> str:
@@ -148,8 +150,17 @@ class HeadFile:
             staging.replace(self.path)
 
 
-def verify(db: Session, key: bytes, tenant_id: str, outside: HeadFile) -> AuditVerification:
-    """Check one tenant's chain from its first record to the head on the tenant row and the one outside."""
+def verify(
+    db: Session,
+    key: bytes,
+    tenant_id: str,
+    outside: HeadFile,
+    receipts: Sequence[AuditReceipt] = (),
+    signer: ReceiptSigner | None = None,
+) -> AuditVerification:
+    """Check one tenant's chain from its first record to the head on the tenant row and the one outside,
+    and against the signed receipts its client kept (each must be ``signer``'s and name a record the chain holds).
+    """
     tenant = db.get(Tenant, tenant_id)
     if tenant is None:
         return AuditVerification(ok=False, records=0, problems=[f"no tenant {tenant_id}"])
@@ -174,4 +185,8 @@ def verify(db: Session, key: bytes, tenant_id: str, outside: HeadFile) -> AuditV
         problems.append(
             f"chain ends at record {len(rows)} but the head kept outside the database says {kept[0]}: records removed"
         )
+    hashes = {row.seq: row.hash for row in rows}
+    for receipt in receipts:
+        forged = signer.problem(receipt) if signer is not None else None
+        problems.extend([forged] if forged else chain_problems(receipt, hashes))
     return AuditVerification(ok=not problems, records=len(rows), problems=problems)

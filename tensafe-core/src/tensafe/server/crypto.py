@@ -87,6 +87,8 @@ class KeyRing:
         self.meta_key = hmac.new(master_key, b"tensafe-session-meta-v1", hashlib.sha256).digest()
         #: Authenticates the audit head kept outside the database.
         self.head_key = hmac.new(master_key, b"tensafe-audit-head-v1", hashlib.sha256).digest()
+        #: Seeds the Ed25519 key that signs audit receipts.
+        self.receipt_seed = hmac.new(master_key, b"tensafe-audit-receipt-v1", hashlib.sha256).digest()
 
     def new_tenant_key(self, tenant_id: str) -> bytes:
         """A fresh data key, wrapped for storage."""

@@ -33,6 +33,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from tensafe.api import (
+    AuditReceipt,
     AuditRecordInfo,
     AuditVerification,
     DatasetInfo,
@@ -68,8 +69,10 @@ from tensafe.server.crypto import (
 )
 from tensafe.server.db import DB_FILE, ArtifactRow, AuditRow, FutureRow, SessionRow, Tenant, database_url, open_database
 from tensafe.server.models import ModelRegistry
-from tensafe.server.tenant_keys import TenantKeyring, clear_scratch
+from tensafe.server.receipts import ReceiptSigner
+from tensafe.server.tenant_keys import TenantKeyring, clear_scratch, scratch_dir
 from tensafe.server.uploads import parse_dataset
+from tensafe.server.waits import FutureWaits
 from tensafe.sessions import InferenceSessionCore, TrainingSessionCore
 
 T = TypeVar("T")
@@ -167,13 +170,15 @@ class SessionService:
         self.store = ArtifactStore(data_dir / "artifacts")
         self.engine, self._sessions = open_database(database_url(database, data_dir))
         self.heads = audit.HeadFile(data_dir, self.keyring.head_key)
+        self.receipts = ReceiptSigner(self.keyring.receipt_seed)
         self.pm = plugin_manager if plugin_manager is not None else create_plugin_manager()
         self._live: dict[str, _Live] = {}
         self._loading = threading.Lock()
-        self._done: dict[str, threading.Event] = {}
+        #: The futures still running here, and the long polls waiting for them.
+        self.waits = FutureWaits()
         self._tenant_keys: dict[str, bytes] = {}
         self.models = models if models is not None else ModelRegistry.embedded()
-        self.scratch = clear_scratch(data_dir)
+        self.scratch = scratch_dir(data_dir)
         self.tgsp = TenantKeyring(self, self.scratch, trusted_signers)
 
     def close(self) -> None:
@@ -212,6 +217,7 @@ class SessionService:
         the records an earlier version kept in the clear are taken as they
         are: metadata signed, results sealed (see :meth:`_adopt_legacy_records`).
         """
+        clear_scratch(self.scratch)
         first_start = not self.heads.exists()
         lost = ErrorInfo(
             error="server_restarted", message="the server restarted before this operation finished", retryable=True
@@ -277,8 +283,10 @@ class SessionService:
         return self._tenant_keys[tenant_id]
 
     def _row(self, db: Session, tenant_id: str, session_id: str, kind: str | None = None) -> SessionRow:
-        row = db.get(SessionRow, session_id)
-        if row is None or row.tenant_id != tenant_id or (kind is not None and row.kind != kind):
+        """The tenant's session: another tenant's id is looked up, and answered, exactly as an absent one."""
+        query = select(SessionRow).where(SessionRow.id == session_id, SessionRow.tenant_id == tenant_id)
+        row = db.execute(query).scalar_one_or_none()
+        if row is None or (kind is not None and row.kind != kind):
             raise NotFound(f"no {kind or ''} session {session_id}".replace("  ", " "))
         return row
 
@@ -302,25 +310,33 @@ class SessionService:
         return artifact_id
 
     def _artifact(self, db: Session, tenant_id: str, artifact_id: str, kind: str) -> tuple[ArtifactRow, bytes]:
-        row = db.get(ArtifactRow, artifact_id)
-        if row is None or row.tenant_id != tenant_id or row.kind != kind:
+        """The tenant's artifact and its contents; another tenant's id is looked up as an absent one."""
+        query = select(ArtifactRow).where(
+            ArtifactRow.id == artifact_id, ArtifactRow.tenant_id == tenant_id, ArtifactRow.kind == kind
+        )
+        row = db.execute(query).scalar_one_or_none()
+        if row is None:
             raise NotFound(f"no {kind} {artifact_id}")
         return row, self.store.read(tenant_id, artifact_id, self.tenant_key(db, tenant_id))
 
     def _live_session(self, tenant_id: str, session_id: str, kind: str) -> _Live:
+        """The tenant's session as loaded in this process, rebuilt from its last committed state if need be.
+
+        The database says whether the tenant has the session before the map of
+        loaded sessions is consulted: another tenant's session, loaded or not,
+        takes the same path, and the same time, as an id that does not exist.
+        """
+        with self.db() as db:
+            self._row(db, tenant_id, session_id, kind)
         live = self._live.get(session_id)
-        if live is not None and live.tenant_id == tenant_id and live.kind == kind:
+        if live is not None:
             return live
         with self._loading:
             live = self._live.get(session_id)
-            if live is not None:
-                if live.tenant_id != tenant_id or live.kind != kind:
-                    raise NotFound(f"no {kind} session {session_id}")
-                return live
-            with self.db() as db:
-                row = self._row(db, tenant_id, session_id, kind)
-                live = _Live(tenant_id, kind, self._rebuild(db, row))
-            self._live[session_id] = live
+            if live is None:
+                with self.db() as db:
+                    live = _Live(tenant_id, kind, self._rebuild(db, self._row(db, tenant_id, session_id, kind)))
+                self._live[session_id] = live
             return live
 
     def _rebuild(self, db: Session, row: SessionRow) -> Any:
@@ -456,7 +472,7 @@ class SessionService:
                 created=time.time(),
             )
             db.add(future)
-        self._done[future.id] = threading.Event()
+        self.waits.started(future.id)
         live.pending += 1
         live.worker.submit(self._run, live, session_id, future.id, request)
         return self._future_info(future, b"")
@@ -502,9 +518,7 @@ class SessionService:
                 self.store.delete(live.tenant_id, replaced)
         finally:
             live.pending -= 1
-            event = self._done.pop(future_id, None)
-            if event is not None:
-                event.set()
+            self.waits.finished(future_id)
 
     def _sealed_result(self, db: Session, future_id: str, tenant_id: str, result: dict[str, Any]) -> str:
         """A result as the database keeps it: encrypted under the tenant's key (it holds per-datum logprobs)."""
@@ -524,21 +538,18 @@ class SessionService:
             error=ErrorInfo.model_validate_json(row.error) if row.error else None,
         )
 
-    def future(self, tenant_id: str, future_id: str, wait: float = 0.0) -> FutureInfo:
-        """A future's status; waits up to ``wait`` seconds for it to finish."""
-        event = self._done.get(future_id)
+    def future(self, tenant_id: str, future_id: str) -> FutureInfo:
+        """The tenant's future as it stands; another tenant's id is looked up as an absent one."""
         with self.db() as db:
-            row = db.get(FutureRow, future_id)
-            if row is None or row.tenant_id != tenant_id:
+            query = select(FutureRow).where(FutureRow.id == future_id, FutureRow.tenant_id == tenant_id)
+            row = db.execute(query).scalar_one_or_none()
+            if row is None:
                 raise NotFound(f"no future {future_id}")
-            key = self.tenant_key(db, tenant_id)
-            if row.status in ("completed", "failed") or event is None or wait <= 0:
-                return self._future_info(row, key)
-        event.wait(min(wait, MAX_WAIT_S))
-        with self.db() as db:
-            row = db.get(FutureRow, future_id)
-            assert row is not None
-            return self._future_info(row, key)
+            return self._future_info(row, self.tenant_key(db, tenant_id))
+
+    async def wait_future(self, tenant_id: str, future_id: str, wait: float) -> FutureInfo:
+        """The future once it finishes or ``wait`` seconds (at most MAX_WAIT_S) pass, waiting on the event loop."""
+        return await self.waits.status(tenant_id, min(wait, MAX_WAIT_S), lambda: self.future(tenant_id, future_id))
 
     def sample(self, tenant_id: str, session_id: str, request: SampleRequest) -> SampleResult:
         live = self._live_session(tenant_id, session_id, "training")
@@ -750,16 +761,35 @@ class SessionService:
         with self.db() as db:
             return audit.verify(db, self.keyring.audit_key, tenant_id, self.heads)
 
-    def verify_all(self) -> dict[str, AuditVerification]:
-        """Every tenant's chain, by tenant name (for ``tensafe audit verify``).
+    def audit_receipt(self, tenant_id: str) -> AuditReceipt:
+        """A signed receipt for the tenant's chain as it stands (its last record's number and hash)."""
+        with self.db() as db:
+            tenant = db.get(Tenant, tenant_id)
+            if tenant is None:
+                raise NotFound("no such tenant")
+            return self.receipts.issue(tenant_id, tenant.audit_seq, tenant.audit_head)
 
-        A tenant the head file knows but the database does not was deleted
-        from it, records and all: it is reported under its id.
+    def verify_all(self, receipts: Sequence[AuditReceipt] = ()) -> dict[str, AuditVerification]:
+        """Every tenant's chain, by tenant name (for ``tensafe audit verify``), checked against ``receipts``.
+
+        A tenant the head file or a receipt knows but the database does not
+        was deleted from it, records and all: it is reported under its id.
         """
+        by_tenant: dict[str, list[AuditReceipt]] = {}
+        for receipt in receipts:
+            by_tenant.setdefault(receipt.tenant_id, []).append(receipt)
+        key = self.keyring.audit_key
         with self.db() as db:
             tenants = db.execute(select(Tenant.id, Tenant.name).order_by(Tenant.name)).all()
-            results = {name: audit.verify(db, self.keyring.audit_key, tid, self.heads) for tid, name in tenants}
+            results = {
+                name: audit.verify(db, key, tid, self.heads, by_tenant.get(tid, ()), self.receipts)
+                for tid, name in tenants
+            }
         gone = "this tenant's chain is recorded outside the database but the database no longer has the tenant"
-        for tenant_id in sorted(set(self.heads.read()) - {tid for tid, _ in tenants}):
-            results[f"tenant {tenant_id}"] = AuditVerification(ok=False, records=0, problems=[gone])
+        known = {tid for tid, _ in tenants}
+        for tenant_id in sorted((set(self.heads.read()) | set(by_tenant)) - known - {""}):
+            problems = [gone]
+            for receipt in by_tenant.get(tenant_id, ()):
+                problems.append(self.receipts.problem(receipt) or f"a signed receipt shows record {receipt.seq}")
+            results[f"tenant {tenant_id}"] = AuditVerification(ok=False, records=0, problems=problems)
         return results

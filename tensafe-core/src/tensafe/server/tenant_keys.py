@@ -8,8 +8,8 @@ The key set is made on first use (or by ``tensafe keys create``) through the
 TGSP loader's ``keygen`` and kept as an artifact sealed under the tenant key.
 
 Key files exist in the clear only inside a private scratch directory
-(``<data>/scratch``, 0700, files 0600) for the one call that needs them, and a
-scratch left by a crash is removed at the next start.
+(``<data>/scratch``, 0700, files 0600) for the one call that needs them, and
+what a crash left there is removed when ``tensafe serve`` next starts.
 """
 
 from __future__ import annotations
@@ -54,13 +54,21 @@ class KeyFiles:
     recipient_public_key: Path
 
 
-def clear_scratch(data_dir: Path) -> Path:
-    """The scratch directory, emptied of anything a crashed process left in it."""
+def scratch_dir(data_dir: Path) -> Path:
+    """The private scratch directory (0700)."""
     scratch = data_dir / "scratch"
-    if scratch.exists():
-        shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir(mode=0o700)
+    scratch.mkdir(mode=0o700, exist_ok=True)
     return scratch
+
+
+def clear_scratch(scratch: Path) -> None:
+    """Remove what a crashed server left in the scratch directory (at ``tensafe serve`` start only:
+    the key and audit commands may run beside a live server that is using it)."""
+    for entry in scratch.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 class TenantKeyring:
