@@ -105,7 +105,9 @@ def test_cli_inference_he(adapter: Path) -> None:
     assert he.stdout == PROMPT + plain + "\n" and plain.strip()
 
 
-def test_tgsp_package_with_an_he_encrypted_adapter(adapter: Path, tmp_path: Path) -> None:
+def test_tgsp_package_with_an_he_encrypted_adapter(
+    adapter: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from tensafe_tgsp import keygen
     from tensafe_tgsp.loader import TGSPPackageLoader
 
@@ -116,7 +118,8 @@ def test_tgsp_package_with_an_he_encrypted_adapter(adapter: Path, tmp_path: Path
     (tmp_path / "he").mkdir()
     (tmp_path / "he" / ENCRYPTED_ADAPTER_FILE).write_bytes(encrypted)
     state = tmp_path / "owner.state"
-    state.write_bytes(owner.save())
+    state.write_bytes(owner.save("key owner passphrase"))  # sealed at rest; opened with $TENSAFE_HE_PASSPHRASE
+    monkeypatch.setenv("TENSAFE_HE_PASSPHRASE", "key owner passphrase")
     package = tmp_path / "adapter.tgsp"
     TGSPPackageLoader().pack(
         tmp_path / "he",

@@ -19,6 +19,7 @@ from tensafe.he_lora import (
     InProcessTransport,
     KeyOwner,
     LoraRequest,
+    ModuleRequest,
     in_process,
     open_encrypted,
 )
@@ -77,7 +78,7 @@ def test_key_owner_sees_only_masked_values(parties: Any) -> None:
     a, _, _ = modules["full"]
     x = np.random.default_rng(3).normal(0, 1, (1, 4096))
     request, _ = evaluator.request("full", x)
-    seen = owner.backend.decrypt(owner.backend.deserialize_ciphertext(request.rows[0][0]))
+    seen = owner.backend.decrypt(owner.backend.deserialize_ciphertext(request.parts[0].rows[0][0]))
     unmasked = a[0] * x[0]
     # The masks are uniform of width 2^20 per slot: what the key owner decrypts is far from A_0 * x.
     assert np.median(np.abs(seen - unmasked)) > 2**16
@@ -96,7 +97,7 @@ def test_precomputed_pads_give_the_same_delta(parties: Any) -> None:
 def test_saved_key_owner_answers_for_its_adapter(parties: Any) -> None:
     owner, _, modules = parties
     adapter_bytes = owner.encrypt_adapter(modules)
-    evaluator = open_encrypted(SealCKKSBackend, adapter_bytes, owner.save())
+    evaluator = open_encrypted(SealCKKSBackend, adapter_bytes, owner.save("owner passphrase"), "owner passphrase")
     a, b, scaling = modules["small"]
     x = np.ones((1, a.shape[1]))
     assert np.max(np.abs(evaluator.delta("small", x) - scaling * x @ a.T @ b.T)) < DELTA_BOUND
@@ -123,7 +124,8 @@ def test_bad_requests_and_inputs_are_errors(parties: Any) -> None:
         owner.handle(bytes(data))
     with pytest.raises(TensafeError):
         owner.handle(b"garbage")
-    broken = LoraRequest(request.module, 1, [request.rows[0][:0]], request.outs, request.key_id)
+    part = request.parts[0]
+    broken = LoraRequest([ModuleRequest(part.module, 1, [part.rows[0][:0]], part.outs)], request.key_id)
     with pytest.raises(TensafeError, match="number of ciphertexts"):
         owner.handle(broken.to_bytes())
     with pytest.raises(TensafeError):
@@ -163,4 +165,4 @@ def test_key_owner_cannot_divide_x_out_of_a_request(parties: Any) -> None:
     bare = backend.multiply_plain(evaluator.modules["full"].a[0], encoded)
     assert divided(backend.serialize_ciphertext(bare)) in plaintext  # the attack works on a bare product
     request, _ = evaluator.request("full", x)
-    assert divided(request.rows[0][0]) not in plaintext  # and fails on what the evaluator sends
+    assert divided(request.parts[0].rows[0][0]) not in plaintext  # and fails on what the evaluator sends
