@@ -16,7 +16,7 @@ def test_it_shows_up_in_tensafe_plugins() -> None:
     assert result.returncode == 0, result.stderr
     [row] = [r for r in json.loads(result.stdout) if r["name"] == "he_seal"]
     assert row["distribution"] == "tensafe-he-seal"
-    assert row["provides"] == {"he_backend": ["seal-ckks"]}
+    assert row["provides"] == {"he_backend": ["seal-ckks"], "command": ["he"]}
 
 
 def test_its_plugin_module_imports_nothing_heavy() -> None:

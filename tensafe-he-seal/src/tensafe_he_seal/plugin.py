@@ -15,3 +15,14 @@ def _seal_ckks() -> object:
 @hookimpl
 def tensafe_register_he_backends(register: Register) -> None:
     register("seal-ckks", _seal_ckks)
+
+
+@hookimpl
+def tensafe_register_commands(register: Register) -> None:
+    def he_group() -> object:
+        """HE-encrypted adapters: package one for an evaluator, seal the key owner's state."""
+        from tensafe_he_seal.cli import he
+
+        return he
+
+    register("he", he_group)
