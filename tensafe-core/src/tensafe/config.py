@@ -249,8 +249,9 @@ class HEConfig(_Section):
     scale_bits: int = Field(40, ge=20, le=60, description="log2 of the default CKKS scale.")
     key_owner_state: Path | None = Field(
         None,
-        description="The adapter owner's secret HE-LoRA state (secret key and B matrices), to open an "
-        "HE-encrypted .tgsp adapter in process; None = encrypt a plaintext adapter with fresh keys.",
+        description="The adapter owner's HE-LoRA state (secret key and B matrices, sealed with scrypt and "
+        "AES-256-GCM; `tensafe he pack` writes it), opened with the passphrase in $TENSAFE_HE_PASSPHRASE, to "
+        "open an HE-encrypted .tgsp adapter in process; None = encrypt a plaintext adapter with fresh keys.",
     )
 
 
