@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tensafe import he_lora
 from tensafe.config import HEConfig
 from tensafe.errors import TensafeError
 from tensafe.he import hiding
@@ -98,7 +99,7 @@ def test_key_owner_refuses_to_put_its_secret_key_in_a_frame(parties: Any, monkey
         owner.encrypt_adapter(modules)
 
 
-def test_frames_are_versioned_and_size_checked(parties: Any) -> None:
+def test_frames_are_versioned_and_size_checked(parties: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     owner, evaluator, _ = parties
     request, _ = evaluator.request("q", np.ones((1, 128)))
     data = bytearray(request.to_bytes())
@@ -107,6 +108,9 @@ def test_frames_are_versioned_and_size_checked(parties: Any) -> None:
         owner.handle(bytes(data))
     with pytest.raises(TensafeError, match="truncated"):
         owner.handle(request.to_bytes()[:-1])
+    monkeypatch.setattr(he_lora, "MAX_FRAME", 1024)
+    with pytest.raises(TensafeError, match="larger than 1024 bytes"):
+        owner.handle(request.to_bytes())
 
 
 def test_flood_dominates_the_decoders_rounding(parties: Any) -> None:
@@ -124,6 +128,8 @@ def test_key_owner_refuses_past_its_decryption_limit_and_rotates(parties: Any) -
     owner.decryption_limit = 4  # "q" needs 2 ciphertexts per token
     x = np.ones((2, 128))
     evaluator.delta("q", x)
+    restarted = KeyOwner.load(SealCKKSBackend(), owner.save(PASSPHRASE), PASSPHRASE)
+    assert restarted.decryptions == 4 and restarted.decryption_limit == 4  # a restart does not reset the count
     with pytest.raises(KeyRotationRequired, match="rotate"):
         evaluator.delta("q", x)
     old_key = owner.key_id
@@ -162,8 +168,10 @@ def test_evaluator_accounts_the_bound_and_refuses_past_its_limit(parties: Any) -
     assert math.isclose(report["modules"]["q"], hiding.total_variation(expected))
     assert report["session"] > report["modules"]["q"] and report["token_module_answers"] == 6
     evaluator.hiding.limit = report["session"] * 1.01
+    decrypted = owner.decryptions
     with pytest.raises(hiding.HidingBudgetExceeded, match="limit"):
         evaluator.delta("q", x)
+    assert owner.decryptions == decrypted  # refused before anything was sent
 
 
 def test_all_modules_of_a_token_take_one_round_trip(parties: Any) -> None:
