@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 
-from tensafe.server.db import SessionRow
+from tensafe.server.db import ArtifactBlob, SessionRow, Tenant
 from tests.server.conftest import Api, make_service
 from tests.serving import batch, cli, session_config
 
@@ -161,22 +162,24 @@ def test_another_tenants_objects_are_indistinguishable_from_absent_ones(api: Api
 def test_artifacts_are_encrypted_at_rest_with_the_tenants_key(api: Api, tmp_path: Path) -> None:
     session_id = create_session(api)
     step(api, session_id, 1)
-    files = list((tmp_path / "data" / "artifacts").rglob("*.bin"))
-    assert files
-    for path in files:
-        blob = path.read_bytes()
-        assert b"tensafe-bigram-state" not in blob and b"adapter" not in blob
-    alice_tenant = next(iter({p.parent.name for p in files}))
+    api.http.post(f"{T}/{session_id}/save_state", json={}, headers=api.headers("alice"))
     service = api.service
+    with service.db() as db:
+        alice_tenant = db.execute(select(Tenant.id).where(Tenant.name == "alice")).scalar_one()
+        stored = [blob.data for blob in db.execute(select(ArtifactBlob)).scalars()]
+    stored += [path.read_bytes() for path in (tmp_path / "data" / "artifacts").rglob("*.bin")]
+    assert len(stored) >= 2  # the session's state (in the database) and the saved state
+    for blob in stored:
+        assert b"tensafe-bigram-state" not in blob and b"adapter" not in blob
     with service.db() as db:
         row = db.get(SessionRow, session_id)
         assert row is not None and row.state_artifact is not None
-        state = service.store.read(alice_tenant, row.state_artifact, service.tenant_key(db, alice_tenant))
-    assert b"tensafe-bigram-state" in state
-    from tensafe.errors import UsageError
+        state = service.store.read(db, alice_tenant, row.state_artifact, service.tenant_key(db, alice_tenant))
+        assert b"tensafe-bigram-state" in state
+        from tensafe.errors import UsageError
 
-    with pytest.raises(UsageError, match="failed authentication"):
-        service.store.read(alice_tenant, row.state_artifact, bytes(32))
+        with pytest.raises(UsageError, match="failed authentication"):
+            service.store.read(db, alice_tenant, row.state_artifact, bytes(32))
 
 
 def test_a_restarted_service_continues_a_session_from_its_last_step(api: Api, tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tensafe.engine.ledger import SAMPLING_BY_SERVER
-from tensafe.server.db import ArtifactRow
+from tensafe.server.db import ArtifactBlob, ArtifactRow
 from tensafe_tgsp import format as tgsp_format
 from tensafe_tgsp.keys import keygen
 from tests.server.conftest import Api
@@ -224,7 +224,10 @@ def test_a_dataset_session_is_sampled_by_the_server_and_releases_only_step_and_e
 
 def test_an_uploaded_dataset_is_encrypted_at_rest_and_checked_line_by_line(api: Api) -> None:
     _upload_dataset(api)
-    stored = b"".join(p.read_bytes() for p in (api.service.data_dir / "artifacts").rglob("*.bin"))
+    with api.service.db() as db:
+        stored = b"".join(blob.data for blob in db.query(ArtifactBlob))
+    stored += b"".join(p.read_bytes() for p in (api.service.data_dir / "artifacts").rglob("*.bin"))
+    assert len(stored) > 1000
     assert b"confidential answer" not in stored and b"secret question" not in stored
     alice = api.headers("alice")
     bad = check(

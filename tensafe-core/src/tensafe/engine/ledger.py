@@ -180,13 +180,20 @@ class PrivacyLedger:
     #: Certificate fields the run or session adds (mode, privacy unit, protected set, what lies outside).
     statement: dict[str, Any] = field(default_factory=dict)
     warned: bool = False
+    #: Epsilon by (steps composed, delta): the accountant's answer does not change until it composes again.
+    _epsilons: dict[tuple[int, float], float] = field(default_factory=dict, repr=False, compare=False)
 
     def charge(self) -> None:
         """Account for one sampled batch (``updates_per_charge`` optimizer steps)."""
         self.accountant.compose_step(self.sampling_rate, self.noise_multiplier)
 
     def epsilon(self) -> float:
-        return self.accountant.get_epsilon(self.delta)
+        """Epsilon spent so far (computed once per number of steps composed: a step's
+        admission computed it already, and reports, results and audit records ask again)."""
+        key = (self.accountant.steps, self.delta)
+        if key not in self._epsilons:
+            self._epsilons = {key: self.accountant.get_epsilon(self.delta)}
+        return self._epsilons[key]
 
     def check_budget(self, steps: int) -> None:
         """Refuse (before it runs) a step that would take the spend past the target epsilon."""
@@ -207,7 +214,9 @@ class PrivacyLedger:
         trial = type(self.accountant)()
         trial.load_state(self.accountant.state())
         trial.compose_step(self.sampling_rate, self.noise_multiplier)
-        return trial.get_epsilon(self.delta)
+        value = trial.get_epsilon(self.delta)
+        self._epsilons[(trial.steps, self.delta)] = value  # what epsilon() returns once the step is charged
+        return value
 
     def randomness(self) -> str:
         if not self.secure_rng:
@@ -266,6 +275,7 @@ class PrivacyLedger:
             )
             raise UsageError(f"the checkpoint was made with other privacy parameters ({detail}); resume with the same")
         self.accountant.load_state(state["accountant_state"])
+        self._epsilons = {}
         self.warned = bool(state["warned"])
 
 

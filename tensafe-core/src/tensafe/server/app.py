@@ -12,7 +12,7 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi import BackgroundTasks, Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
@@ -222,24 +222,48 @@ def create_app(service: SessionService, *, max_body_bytes: int = MAX_BODY_BYTES)
     def training_info(session_id: str, tenant_id: Tenant) -> SessionInfo:
         return service.info(tenant_id, session_id)
 
-    @app.post(f"{PREFIX}/training/{{session_id}}/forward_backward", tags=["training"], status_code=202)
-    def forward_backward(
-        session_id: str, body: ForwardBackwardRequest, tenant_id: Tenant, idempotency_key: IdempotencyKey = None
+    async def queued(
+        tenant_id: str,
+        session_id: str,
+        body: ForwardBackwardRequest | OptimStepRequest | TrainStepRequest,
+        key: str | None,
+        background: BackgroundTasks,
     ) -> FutureInfo:
-        return service.submit(tenant_id, session_id, body, idempotency_key)
+        # The worker starts once the reply is sent: its computation never delays the 202.
+        info = await run_in_threadpool(service.submit, tenant_id, session_id, body, key, defer=True)
+        background.add_task(service.start_session, session_id)
+        return info
+
+    @app.post(f"{PREFIX}/training/{{session_id}}/forward_backward", tags=["training"], status_code=202)
+    async def forward_backward(
+        session_id: str,
+        body: ForwardBackwardRequest,
+        tenant_id: Tenant,
+        background: BackgroundTasks,
+        idempotency_key: IdempotencyKey = None,
+    ) -> FutureInfo:
+        return await queued(tenant_id, session_id, body, idempotency_key, background)
 
     @app.post(f"{PREFIX}/training/{{session_id}}/optim_step", tags=["training"], status_code=202)
-    def optim_step(
-        session_id: str, body: OptimStepRequest, tenant_id: Tenant, idempotency_key: IdempotencyKey = None
+    async def optim_step(
+        session_id: str,
+        body: OptimStepRequest,
+        tenant_id: Tenant,
+        background: BackgroundTasks,
+        idempotency_key: IdempotencyKey = None,
     ) -> FutureInfo:
-        return service.submit(tenant_id, session_id, body, idempotency_key)
+        return await queued(tenant_id, session_id, body, idempotency_key, background)
 
     @app.post(f"{PREFIX}/training/{{session_id}}/train_step", tags=["training"], status_code=202)
-    def train_step(
-        session_id: str, body: TrainStepRequest, tenant_id: Tenant, idempotency_key: IdempotencyKey = None
+    async def train_step(
+        session_id: str,
+        body: TrainStepRequest,
+        tenant_id: Tenant,
+        background: BackgroundTasks,
+        idempotency_key: IdempotencyKey = None,
     ) -> FutureInfo:
         """One step on a batch the server Poisson-samples from the session's dataset (sessions with dataset_id)."""
-        return service.submit(tenant_id, session_id, body, idempotency_key)
+        return await queued(tenant_id, session_id, body, idempotency_key, background)
 
     @app.post(f"{PREFIX}/training/{{session_id}}/sample", tags=["training"])
     def sample(session_id: str, body: SampleRequest, tenant_id: Tenant) -> SampleResult:

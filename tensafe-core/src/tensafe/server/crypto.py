@@ -145,37 +145,3 @@ def open_meta(key: bytes, binding: str, stored: str) -> dict[str, Any]:
         )
     result: dict[str, Any] = meta
     return result
-
-
-class ArtifactStore:
-    """Encrypted files under ``root/<tenant>/<artifact id>``, written atomically."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        root.mkdir(mode=0o700, parents=True, exist_ok=True)
-
-    def _path(self, tenant_id: str, artifact_id: str) -> Path:
-        return self.root / tenant_id / f"{artifact_id}.bin"
-
-    def write(self, tenant_id: str, artifact_id: str, key: bytes, data: bytes) -> str:
-        """Encrypt and store ``data`` durably; returns its SHA-256 (of the plaintext)."""
-        path = self._path(tenant_id, artifact_id)
-        path.parent.mkdir(mode=0o700, exist_ok=True)
-        staging = path.with_suffix(".partial")
-        with os.fdopen(os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as handle:
-            handle.write(seal(key, data, f"{tenant_id}/{artifact_id}".encode()))
-            handle.flush()
-            os.fsync(handle.fileno())
-        staging.replace(path)
-        return hashlib.sha256(data).hexdigest()
-
-    def read(self, tenant_id: str, artifact_id: str, key: bytes) -> bytes:
-        path = self._path(tenant_id, artifact_id)
-        try:
-            blob = path.read_bytes()
-        except OSError:
-            raise UsageError(f"artifact {artifact_id} is missing from the store") from None
-        return unseal(key, blob, f"{tenant_id}/{artifact_id}".encode())
-
-    def delete(self, tenant_id: str, artifact_id: str) -> None:
-        self._path(tenant_id, artifact_id).unlink(missing_ok=True)

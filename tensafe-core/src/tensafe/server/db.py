@@ -93,6 +93,16 @@ class ArtifactRow(Base):
     created: Mapped[float] = mapped_column(Float, default=time.time)
 
 
+class ArtifactBlob(Base):
+    """An artifact's sealed bytes kept in the database: session states (committed with their step in one
+    transaction) and, on a database replicas share, every artifact."""
+
+    __tablename__ = "artifact_blobs"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
 class AuditRow(Base):
     __tablename__ = "audit_records"
     __table_args__ = (UniqueConstraint("tenant_id", "seq"),)

@@ -59,7 +59,6 @@ from tensafe.errors import NotFound, OperationFailed, TensafeError, UsageError
 from tensafe.plugins import TensafePluginManager, create_plugin_manager
 from tensafe.server import audit
 from tensafe.server.crypto import (
-    ArtifactStore,
     KeyRing,
     load_master_key,
     open_meta,
@@ -70,6 +69,7 @@ from tensafe.server.crypto import (
 from tensafe.server.db import DB_FILE, ArtifactRow, AuditRow, FutureRow, SessionRow, Tenant, database_url, open_database
 from tensafe.server.models import ModelRegistry
 from tensafe.server.receipts import ReceiptSigner
+from tensafe.server.storage import ArtifactStore
 from tensafe.server.tenant_keys import TenantKeyring, clear_scratch, scratch_dir
 from tensafe.server.uploads import parse_dataset
 from tensafe.server.waits import FutureWaits
@@ -146,6 +146,16 @@ class _Live:
     core: Any
     worker: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(max_workers=1))
     pending: int = 0
+    #: Operations accepted but not yet handed to the worker, in submission order (see ``submit(defer=...)``).
+    unstarted: list[Callable[[], Any]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self) -> None:
+        """Hand every accepted operation to the worker, oldest first."""
+        with self.lock:
+            ready, self.unstarted = self.unstarted, []
+            for work in ready:
+                self.worker.submit(work)
 
 
 class SessionService:
@@ -167,7 +177,7 @@ class SessionService:
         self.keyring = KeyRing(load_master_key(data_dir, master_key_file))
         if database is None:  # SQLite gives its WAL and journal files the database file's mode
             os.close(os.open(data_dir / DB_FILE, os.O_WRONLY | os.O_CREAT, 0o600))
-        self.store = ArtifactStore(data_dir / "artifacts")
+        self.store = ArtifactStore(data_dir / "artifacts", shared_database=database is not None)
         self.engine, self._sessions = open_database(database_url(database, data_dir))
         self.heads = audit.HeadFile(data_dir, self.keyring.head_key)
         self.receipts = ReceiptSigner(self.keyring.receipt_seed)
@@ -294,7 +304,7 @@ class SessionService:
         self, db: Session, tenant_id: str, kind: str, data: bytes, name: str = "", meta: dict[str, Any] | None = None
     ) -> str:
         artifact_id = _new_id()
-        sha = self.store.write(tenant_id, artifact_id, self.tenant_key(db, tenant_id), data)
+        sha = self.store.write(db, kind, tenant_id, artifact_id, self.tenant_key(db, tenant_id), data)
         db.add(
             ArtifactRow(
                 id=artifact_id,
@@ -317,7 +327,7 @@ class SessionService:
         row = db.execute(query).scalar_one_or_none()
         if row is None:
             raise NotFound(f"no {kind} {artifact_id}")
-        return row, self.store.read(tenant_id, artifact_id, self.tenant_key(db, tenant_id))
+        return row, self.store.read(db, tenant_id, artifact_id, self.tenant_key(db, tenant_id))
 
     def _live_session(self, tenant_id: str, session_id: str, kind: str) -> _Live:
         """The tenant's session as loaded in this process, rebuilt from its last committed state if need be.
@@ -388,6 +398,7 @@ class SessionService:
         row.step, row.meta, row.epsilon = core.step, sign_meta(self.keyring.meta_key, binding, meta), core.epsilon()
         if previous is not None:
             db.execute(delete(ArtifactRow).where(ArtifactRow.id == previous))
+            self.store.delete(db, previous)
         return previous
 
     # -- training sessions -----------------------------------------------------------
@@ -447,8 +458,16 @@ class SessionService:
         session_id: str,
         request: Queued,
         request_key: str | None = None,
+        *,
+        defer: bool = False,
     ) -> FutureInfo:
-        """Queue forward_backward, optim_step or train_step; a repeated ``request_key`` returns the first one."""
+        """Queue forward_backward, optim_step or train_step; a repeated ``request_key`` returns the first one.
+
+        With ``defer`` the operation is accepted (and committed) but handed to
+        the session's worker only at :meth:`start_session` (or the next
+        submission's start): the HTTP API answers first, so the session's
+        computation does not hold up the reply that it was queued.
+        """
         operation = _operation(request)
         live = self._live_session(tenant_id, session_id, "training")
         with self.db() as db:
@@ -474,26 +493,40 @@ class SessionService:
             db.add(future)
         self.waits.started(future.id)
         live.pending += 1
-        live.worker.submit(self._run, live, session_id, future.id, request)
+        with live.lock:
+            live.unstarted.append(lambda: self._run(live, session_id, future.id, request))
+        if not defer:
+            live.start()
         return self._future_info(future, b"")
+
+    def start_session(self, session_id: str) -> None:
+        """Start the operations :meth:`submit` accepted with ``defer``."""
+        live = self._live.get(session_id)
+        if live is not None:
+            live.start()
 
     def _run(self, live: _Live, session_id: str, future_id: str, request: Queued) -> None:
         core: TrainingSessionCore = live.core
+        outcome: FutureInfo | None = None
+        operation = _operation(request)
         try:
             before = core.step
             try:
                 result = _execute(core, request)
             except Exception as exc:
+                error = _error(exc)
                 with self.db() as db:
                     db.execute(
                         update(FutureRow)
                         .where(FutureRow.id == future_id)
-                        .values(status="failed", error=_error(exc).model_dump_json(), after_step=before)
+                        .values(status="failed", error=error.model_dump_json(), after_step=before)
                     )
+                outcome = FutureInfo(
+                    future_id=future_id, session_id=session_id, operation=operation, status="failed", error=error
+                )
                 return
             replaced = None
             with self.db() as db:
-                operation = _operation(request)
                 if operation != "forward_backward":
                     row = self._row(db, live.tenant_id, session_id)
                     replaced = self._commit_state(db, live.tenant_id, row, core)
@@ -514,11 +547,15 @@ class SessionService:
                     audited_result,
                     core.epsilon(),
                 )
+            outcome = FutureInfo(
+                future_id=future_id, session_id=session_id, operation=operation, status="completed", result=result
+            )
             if replaced is not None:
-                self.store.delete(live.tenant_id, replaced)
+                self.store.discard_file(live.tenant_id, replaced)
         finally:
             live.pending -= 1
-            self.waits.finished(future_id)
+            # Waiters get the committed outcome as it is, without reading it back from the database.
+            self.waits.finished(future_id, outcome)
 
     def _sealed_result(self, db: Session, future_id: str, tenant_id: str, result: dict[str, Any]) -> str:
         """A result as the database keeps it: encrypted under the tenant's key (it holds per-datum logprobs)."""
@@ -604,7 +641,7 @@ class SessionService:
                 )
                 info = self._info(row)
             if replaced is not None:
-                self.store.delete(tenant_id, replaced)
+                self.store.discard_file(tenant_id, replaced)
             return info
 
         return self._on_worker(live, work)

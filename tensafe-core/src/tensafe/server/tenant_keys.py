@@ -108,13 +108,13 @@ class TenantKeyring:
             row = self._stored(db, tenant_id)
             if row is not None:
                 return dict(
-                    json.loads(self.service.store.read(tenant_id, row.id, self.service.tenant_key(db, tenant_id)))
+                    json.loads(self.service.store.read(db, tenant_id, row.id, self.service.tenant_key(db, tenant_id)))
                 )
         with self._creating, self.service.db() as db:
             row = self._stored(db, tenant_id)
             if row is not None:
                 key = self.service.tenant_key(db, tenant_id)
-                return dict(json.loads(self.service.store.read(tenant_id, row.id, key)))
+                return dict(json.loads(self.service.store.read(db, tenant_id, row.id, key)))
             loader = self.loader()
             if not has(loader, TGSP_KEYGEN):
                 raise UsageError(f"the TGSP loader {LOADER!r} cannot create keys (no {TGSP_KEYGEN!r} capability)")

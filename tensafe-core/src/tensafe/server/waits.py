@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from anyio import to_thread
 
@@ -29,13 +30,20 @@ MAX_WAITS_PER_TENANT = 16
 FINISHED = ("completed", "failed")
 
 
+@dataclass(eq=False)
+class _Waiter:
+    loop: asyncio.AbstractEventLoop
+    done: asyncio.Event
+    outcome: FutureInfo | None = None
+
+
 class FutureWaits:
     """The futures still running in this process, and the coroutines waiting for them."""
 
     def __init__(self, per_tenant: int = MAX_WAITS_PER_TENANT) -> None:
         self.per_tenant = per_tenant
         self._lock = threading.Lock()
-        self._running: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
+        self._running: dict[str, list[_Waiter]] = {}
         self._waiting: dict[str, int] = {}
 
     def started(self, future_id: str) -> None:
@@ -43,13 +51,17 @@ class FutureWaits:
         with self._lock:
             self._running[future_id] = []
 
-    def finished(self, future_id: str) -> None:
-        """The future's outcome is committed: wake everything waiting for it (callable from any thread)."""
+    def finished(self, future_id: str, outcome: FutureInfo | None = None) -> None:
+        """The future's outcome is committed: wake everything waiting for it (callable from any thread).
+
+        ``outcome``, the future as committed, is handed to the waiters so they need not read it back.
+        """
         with self._lock:
             waiters = self._running.pop(future_id, [])
-        for loop, done in waiters:
+        for waiter in waiters:
+            waiter.outcome = outcome
             with contextlib.suppress(RuntimeError):  # that loop has closed: nobody waits on it any more
-                loop.call_soon_threadsafe(done.set)
+                waiter.loop.call_soon_threadsafe(waiter.done.set)
 
     async def status(self, tenant_id: str, wait: float, read: Callable[[], FutureInfo]) -> FutureInfo:
         """``read()`` (the future's status, checked against the tenant), once it finishes or ``wait`` s pass.
@@ -63,25 +75,26 @@ class FutureWaits:
         with self._slot(tenant_id) as admitted:
             if not admitted:
                 return info
-            await self._until_finished(info.future_id, wait)
-        return await to_thread.run_sync(read)
+            outcome = await self._until_finished(info.future_id, wait)
+        return outcome if outcome is not None else await to_thread.run_sync(read)
 
-    async def _until_finished(self, future_id: str, timeout: float) -> None:
-        done = asyncio.Event()
-        entry = (asyncio.get_running_loop(), done)
+    async def _until_finished(self, future_id: str, timeout: float) -> FutureInfo | None:
+        """Wait for the future; its committed outcome when the worker handed one over."""
+        entry = _Waiter(asyncio.get_running_loop(), asyncio.Event())
         with self._lock:
             waiters = self._running.get(future_id)
             if waiters is None:
-                return  # finished since it was read (or queued before this process started)
+                return None  # finished since it was read (or queued before this process started)
             waiters.append(entry)
         try:
-            await asyncio.wait_for(done.wait(), timeout)
+            await asyncio.wait_for(entry.done.wait(), timeout)
         except TimeoutError:
             pass
         finally:
             with self._lock:
                 if entry in self._running.get(future_id, ()):
                     self._running[future_id].remove(entry)
+        return entry.outcome
 
     @contextlib.contextmanager
     def _slot(self, tenant_id: str) -> Iterator[bool]:
