@@ -105,6 +105,15 @@ class DPConfig(_Section):
         "floating-point attacks on the noise; with secure_rng every sample comes from the OS CSPRNG. "
         "Slower (see benchmarks/dp_overhead.py).",
     )
+    clipping: Literal["auto", "hooks", "lora"] = Field(
+        "auto",
+        description="How the torch backend finds each datum's gradient before clipping it to max_grad_norm. 'hooks': "
+        "Opacus' per-sample hooks, for any trainable layer. 'lora': each LoRA A and B weight's per-sample "
+        "gradient is formed in the backward pass itself (sum over the datum's tokens of output gradient times "
+        "input), with no hooks and no summed gradient besides; needs every trainable parameter to be a plain "
+        "LoRA weight. 'auto': 'lora' where it applies, else 'hooks'. Both clip the same gradients; the update "
+        "and the privacy guarantee do not depend on the choice, only the speed does.",
+    )
 
     @model_validator(mode="after")
     def _budget_or_noise(self) -> DPConfig:

@@ -4,10 +4,13 @@ Training follows Tinker's semantics: losses are summed over tokens and data,
 ``forward_backward`` accumulates and ``optim_step`` applies AdamW. Only the
 LoRA parameters are trainable; the base model's weights never change.
 
-Under ``config.dp.enabled`` the model is wrapped in Opacus' ``GradSampleModule``
-(per-sample gradients by hooks) and updates go through Opacus' ``DPOptimizer``:
-after every micro-batch each datum's gradient is clipped to ``max_grad_norm``
-and added to a running sum (``clip_and_accumulate``); ``optim_step`` adds
+Under ``config.dp.enabled`` each datum's gradient is found by one of two means
+(``dp.clipping``): Opacus' ``GradSampleModule`` (per-sample gradients by hooks),
+or, when only plain LoRA weights train, the adapters' own backward pass
+(:mod:`tensafe_torch.lora_clipping`, the default). Updates go through Opacus'
+``DPOptimizer``: after every micro-batch each datum's gradient is clipped to ``max_grad_norm``
+and added to a running sum (``clip_and_accumulate``, or ``accumulate_clipped`` for
+sums the LoRA path clipped by the same rule); ``optim_step`` adds
 Gaussian noise of standard deviation ``noise_multiplier * max_grad_norm`` once
 (``add_step_noise``), divides by the *expected* batch size (Poisson sampling makes
 the real one random) and steps AdamW. Physical micro-batches therefore never
@@ -56,6 +59,7 @@ from tensafe_torch import assets
 from tensafe_torch.loading import import_opacus_quietly, load_base, quiet_peft, resolve_device, target_modules
 
 if TYPE_CHECKING:
+    from tensafe_torch.lora_clipping import LoraPerSampleGradients
     from tensafe_torch.noise import StepKeyedDPOptimizer
 
 STATE_MAGIC = b"TENSAFE-TORCH-STATE\x01"
@@ -157,15 +161,27 @@ class TorchBackend(MLBackend):
         self._dp: StepKeyedDPOptimizer | None = None
         self._noised_gradient: torch.Tensor | None = None
         self._forward_module: Any = model
+        self._hooks: Any = None  # Opacus' GradSampleModule under dp.clipping 'hooks'
+        self._lora_per_sample: LoraPerSampleGradients | None = None
+        #: How per-sample gradients are found under DP ('hooks' or 'lora'); None without DP.
+        self.dp_clipping: str | None = None
         if cfg.dp.enabled:
             import_opacus_quietly()
             from opacus import GradSampleModule
 
+            from tensafe_torch.lora_clipping import LoraPerSampleGradients, unsupported_parameters
             from tensafe_torch.noise import StepKeyedDPOptimizer
 
             if cfg.dp.noise_multiplier is None:
                 raise BackendError("dp.noise_multiplier must be resolved (calibrated) before the model is initialised")
-            self._forward_module = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+            self.dp_clipping = cfg.dp.clipping
+            if self.dp_clipping == "auto":
+                lora_only = not unsupported_parameters(model, self._names, self._params)
+                self.dp_clipping = "lora" if lora_only else "hooks"
+            if self.dp_clipping == "lora":
+                self._lora_per_sample = LoraPerSampleGradients(model, self._names, self._params)
+            else:
+                self._hooks = self._forward_module = GradSampleModule(model, batch_first=True, loss_reduction="sum")
             research_seed = None
             if not cfg.dp.secure_rng:  # reproducible, not private
                 seed = cfg.training.seed
@@ -303,14 +319,14 @@ class TorchBackend(MLBackend):
         self._peft.eval()
         try:
             with torch.no_grad():
-                if self._dp is not None:
+                if self._hooks is not None:
                     # GradSampleModule's hooks are only needed for training.
-                    self._forward_module.disable_hooks()
+                    self._hooks.disable_hooks()
                 try:
                     _, logprobs, _, metrics = self._loss(data, loss_fn, loss_fn_config)
                 finally:
-                    if self._dp is not None:
-                        self._forward_module.enable_hooks()
+                    if self._hooks is not None:
+                        self._hooks.enable_hooks()
         finally:
             self._peft.train()
         return self._output(loss_fn, logprobs, data, metrics)
@@ -321,6 +337,8 @@ class TorchBackend(MLBackend):
         self._check(data, loss_fn)
         if self._pending_reset:
             self._clear_gradients()
+        if self._lora_per_sample is not None:
+            self._lora_per_sample.begin(len(data))
         per_datum, logprobs, _, metrics = self._loss(data, loss_fn, loss_fn_config)
         with warnings.catch_warnings():
             # Opacus' per-sample hooks sit on LoRA layers whose inputs come from frozen layers; torch
@@ -330,7 +348,10 @@ class TorchBackend(MLBackend):
         if self._dp is not None:
             # Clip each datum's gradient and add it to the running sum, then drop the
             # per-sample gradients so the next micro-batch starts clean.
-            self._dp.clip_and_accumulate()
+            if self._lora_per_sample is not None:
+                self._dp.accumulate_clipped(self._lora_per_sample.clipped_sums(self._cfg.dp.max_grad_norm))
+            else:
+                self._dp.clip_and_accumulate()
             for param in self._params:
                 param.grad_sample = None
                 param.grad = None

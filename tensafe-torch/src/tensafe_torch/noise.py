@@ -31,6 +31,7 @@ import math
 import os
 import secrets
 import struct
+from collections.abc import Sequence
 from functools import cache
 from typing import Any
 
@@ -123,6 +124,19 @@ class StepKeyedDPOptimizer(DPOptimizer):
         self._research_seed = research_seed
         if research_seed is None and not self.secure_mode:
             csprng_generator(self.params[0].device)  # fail at initialisation, not mid-run, if it cannot be keyed
+
+    def accumulate_clipped(self, sums: Sequence[torch.Tensor]) -> None:
+        """Add a micro-batch's clipped per-sample gradients, summed elsewhere, to the running sums.
+
+        What ``clip_and_accumulate`` does after clipping ``p.grad_sample``, for
+        per-sample gradients that never became a ``grad_sample`` (``dp.clipping: lora``).
+        """
+        for param, summed in zip(self.params, sums, strict=True):
+            if summed.shape != param.shape:
+                raise BackendError(
+                    f"a clipped sum of shape {tuple(summed.shape)} for a parameter of {tuple(param.shape)}"
+                )
+            param.summed_grad = summed if param.summed_grad is None else param.summed_grad + summed
 
     def add_noise(self) -> None:
         raise BackendError("the torch backend adds DP noise through add_step_noise(step), keyed for that step")
