@@ -12,10 +12,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tensafe import he_lora
 from tensafe.config import HEConfig
 from tensafe.errors import TensafeError
-from tensafe.he import hiding
+from tensafe.he import frames, hiding
 from tensafe.he import state as sealed_state
 from tensafe.he.pool import MaskPool
 from tensafe.he_lora import (
@@ -108,7 +107,7 @@ def test_frames_are_versioned_and_size_checked(parties: Any, monkeypatch: pytest
         owner.handle(bytes(data))
     with pytest.raises(TensafeError, match="truncated"):
         owner.handle(request.to_bytes()[:-1])
-    monkeypatch.setattr(he_lora, "MAX_FRAME", 1024)
+    monkeypatch.setattr(frames, "MAX_FRAME", 1024)
     with pytest.raises(TensafeError, match="larger than 1024 bytes"):
         owner.handle(request.to_bytes())
 
@@ -216,16 +215,16 @@ def test_a_rescaling_key_owner_is_undetectable_and_sees_activations(parties: Any
     """THREAT_MODEL.md, "Malicious behaviour": (lambda A, B / lambda) computes the same delta, the evaluator
     cannot tell, and the key owner's decrypted slots then track A x slot by slot. Declared norms that tell the
     truth make the evaluator's bound show it; a lie about them is undetectable without norm proofs."""
-    from tensafe.he_lora import ADAPTER, _frame, _unframe
+    from tensafe.he.frames import ADAPTER, pack_frame, read_frame
 
     owner, honest, modules = parties
     a, b, s = modules["q"]
     scale = 2.0**24
     rescaled = owner.encrypt_adapter({"q": (a * scale, b / scale, s)})
-    header, blobs = _unframe(ADAPTER, rescaled, "adapter")
+    header, blobs = read_frame(ADAPTER, rescaled, "adapter")
     header["modules"][0]["norms"] = honest.modules["q"].norms.to_json()  # the lie
     del header["blobs"]
-    lying = Evaluator(SealCKKSBackend(), _frame(ADAPTER, header, blobs), InProcessTransport(owner))
+    lying = Evaluator(SealCKKSBackend(), pack_frame(ADAPTER, header, blobs), InProcessTransport(owner))
     x = np.random.default_rng(5).normal(0, 1, (1, 128))
     assert np.max(np.abs(lying.delta("q", x) - s * x @ a.T @ b.T)) < DELTA_BOUND  # same function: undetectable
     assert lying.hiding.report()["session"] < 1e-3  # the bound believes the declared norms

@@ -24,15 +24,15 @@ from typing import TYPE_CHECKING, Any
 from tensafe.errors import UsageError
 
 if TYPE_CHECKING:
+    from tensafe.he.evaluator import PadMaker
     from tensafe.he.hiding import MaskBits
-    from tensafe.he_lora import PadMaker
     from tensafe.interfaces import HEBackend
 
 _WORKER: dict[str, PadMaker] = {}
 
 
 def _start_worker(backend_factory: Callable[[], HEBackend], adapter: bytes, masks: MaskBits) -> None:
-    from tensafe.he_lora import PadMaker
+    from tensafe.he.evaluator import PadMaker
 
     _WORKER["maker"] = PadMaker(backend_factory(), adapter, masks)
 
