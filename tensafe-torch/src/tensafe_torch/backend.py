@@ -56,7 +56,8 @@ from tensafe.types import (
     StopReason,
 )
 from tensafe_torch import assets
-from tensafe_torch.loading import import_opacus_quietly, load_base, quiet_peft, resolve_device, target_modules
+from tensafe_torch.loading import building_model, import_opacus_quietly, quiet_peft, resolve_device, target_modules
+from tensafe_torch.shared_base import acquire_base, move_adapter, sharing_enabled
 
 if TYPE_CHECKING:
     from tensafe_torch.lora_clipping import LoraPerSampleGradients
@@ -93,9 +94,12 @@ class TorchBackend(MLBackend):
         }
     )
 
-    def __init__(self) -> None:
+    def __init__(self, *, share_base: bool | None = None) -> None:
+        """``share_base``: wrap the process's one frozen copy of the base model (the default, see
+        :mod:`tensafe_torch.shared_base`) or a private copy; ``None`` follows ``$TENSAFE_TORCH_SHARE_BASE``."""
         self._config: RunConfig | None = None
         self._step = 0
+        self._share_base = share_base
 
     # -- setup ---------------------------------------------------------------------
 
@@ -110,10 +114,9 @@ class TorchBackend(MLBackend):
 
         self._config = config
         self._device = resolve_device(config.model.device)
-        tokenizer, base = load_base(config)
-        base.to(self._device)
-        for param in base.parameters():
-            param.requires_grad_(False)
+        # Held for as long as this backend wraps it: the shared copy lives while some backend does.
+        self._frozen_base = acquire_base(config, self._device, shared=sharing_enabled(self._share_base))
+        tokenizer, base = self._frozen_base.tokenizer, self._frozen_base.view()
         lora = config.lora
         peft_config = LoraConfig(
             r=lora.rank,
@@ -124,7 +127,8 @@ class TorchBackend(MLBackend):
             task_type="CAUSAL_LM",
         )
         seed = lora.seed if lora.seed is not None else (config.training.seed or 0)
-        with torch.random.fork_rng(devices=[]), quiet_peft():
+        # The seeded RNG is process-wide: no other build may draw from it meanwhile.
+        with building_model(), torch.random.fork_rng(devices=[]), quiet_peft():
             torch.manual_seed(seed)
             model = get_peft_model(base, peft_config)
         self._tokenizer = tokenizer
@@ -340,11 +344,14 @@ class TorchBackend(MLBackend):
         if self._lora_per_sample is not None:
             self._lora_per_sample.begin(len(data))
         per_datum, logprobs, _, metrics = self._loss(data, loss_fn, loss_fn_config)
-        with warnings.catch_warnings():
+        if self._hooks is not None:
             # Opacus' per-sample hooks sit on LoRA layers whose inputs come from frozen layers; torch
             # warns that such a hook sees no input gradients, which per-sample gradients do not need.
+            # Added to the process's filters (once; filterwarnings drops a duplicate), not in a
+            # catch_warnings block: that swaps the process-wide list and puts back what it found, so
+            # sessions backpropagating on other threads would lose or leak each other's filters.
             warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
-            per_datum.sum().backward()
+        per_datum.sum().backward()
         if self._dp is not None:
             # Clip each datum's gradient and add it to the running sum, then drop the
             # per-sample gradients so the next micro-batch starts clean.
@@ -418,6 +425,7 @@ class TorchBackend(MLBackend):
             self._dp.add_step_noise(self._step)
             for param in self._params:
                 param.grad /= cfg.training.batch_size
+                param.summed_grad = None  # the noised sum is in grad now; a session keeps one copy
             self._noised_gradient = torch.cat([p.grad.detach().reshape(-1) for p in self._params]).float().cpu()
         else:
             for param in self._params:
@@ -694,11 +702,11 @@ class TorchBackend(MLBackend):
             raise UsageError(f"{directory} is not a PEFT adapter directory (no adapter_config.json)")
         base = self._peft.unload()
         try:
-            with quiet_peft():
+            with building_model(), quiet_peft():  # quiet_peft swaps the process's warning filters
                 model = PeftModel.from_pretrained(base, str(directory), is_trainable=True)
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
             raise BackendError(f"cannot load adapter {directory} onto this model: {exc}") from None
-        model.to(self._device)
+        move_adapter(model, self._device)
         self._attach(model)
 
     # -- LoRA deltas from a callback (HE-LoRA) ------------------------------------------
