@@ -114,12 +114,8 @@ class ServerMetrics:
             "tensafe_optimizer_steps", "Optimizer steps taken by this server process", registry=self.registry
         )
         self.registry.register(DatabaseCollector(db))
-        self.step_counter = StepCounter(self.steps)
-        self.pm = pm
-        pm.register(self.step_counter, name=f"tensafe-server-metrics-{id(self)}")
-
-    def close(self) -> None:
-        self.pm.unregister(self.step_counter)
+        # Registered for the app's lifetime: the plugin manager belongs to the service the app serves.
+        pm.register(StepCounter(self.steps), name=f"tensafe-server-metrics-{id(self)}")
 
     def exposition(self) -> tuple[bytes, str]:
         """The metrics in Prometheus' text format, and its content type."""
