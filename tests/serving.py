@@ -56,10 +56,16 @@ def batch(step: int, size: int = 4) -> list[Datum]:
 
 
 def reset_postgres(url: str) -> None:
-    from tensafe.server.db import Base, database_url, open_database
+    from sqlalchemy import text
 
+    from tensafe.server.db import Base, database_url, open_database
+    from tensafe.server.migrate import model_modules
+
+    model_modules()
     engine, _ = open_database(database_url(url, Path(".")))
     Base.metadata.drop_all(engine)
+    with engine.begin() as connection:  # the next open_database migrates the empty database from scratch
+        connection.execute(text("DROP TABLE IF EXISTS alembic_version"))
     engine.dispose()
 
 
@@ -104,6 +110,9 @@ class LiveServer:
     database: str | None
     port: int
     process: subprocess.Popen[bytes] | None = None
+    #: Further ``tensafe serve`` options and environment (replicas: a shared master key, a short lease).
+    args: tuple[str, ...] = ()
+    env: dict[str, str] | None = None
 
     @property
     def log(self) -> Path:
@@ -114,7 +123,7 @@ class LiveServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, extra_path: Path | None = None) -> None:
-        env = {**os.environ, "TENSAFE_DATA_DIR": str(self.data_dir)}
+        env = {**os.environ, "TENSAFE_DATA_DIR": str(self.data_dir), **(self.env or {})}
         if self.database is not None:
             env["TENSAFE_DATABASE_URL"] = self.database
         if extra_path is not None:
@@ -122,7 +131,7 @@ class LiveServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as log:  # a file, not a pipe: a full pipe would block the server
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "tensafe.cli.main", "serve", "--port", str(self.port)],
+                [sys.executable, "-m", "tensafe.cli.main", "serve", "--port", str(self.port), *self.args],
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,

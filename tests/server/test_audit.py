@@ -11,7 +11,17 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from tensafe.server import audit
-from tensafe.server.db import ApiKey, ArtifactBlob, ArtifactRow, AuditRow, FutureRow, SessionRow, Tenant
+from tensafe.server.db import (
+    ApiKey,
+    ArtifactBlob,
+    ArtifactRow,
+    AuditRow,
+    FutureRow,
+    SessionLease,
+    SessionRow,
+    Tenant,
+    WorkItem,
+)
 from tests.server.conftest import Api
 from tests.server.test_api import T, create_session, step
 from tests.serving import batch, cli
@@ -143,7 +153,13 @@ def test_a_tenant_deleted_from_the_database_with_all_its_records_is_reported(
     create_session(api, tenant="bob")
     with api.service.db() as db:
         bob = db.execute(select(Tenant.id).where(Tenant.name == "bob")).scalar_one()
-        for table in (AuditRow, FutureRow, ArtifactBlob, ArtifactRow, SessionRow, ApiKey):
+        for table in (AuditRow, WorkItem, FutureRow, ArtifactBlob, ArtifactRow, SessionRow, ApiKey):
+            if table is SessionRow:
+                db.execute(
+                    delete(SessionLease).where(
+                        SessionLease.session_id.in_(select(SessionRow.id).where(SessionRow.tenant_id == bob))
+                    )
+                )
             db.execute(delete(table).where(table.tenant_id == bob))
         db.execute(delete(Tenant).where(Tenant.id == bob))
     verdict = cli("audit", "verify", data_dir=tmp_path / "data", database=database)

@@ -116,3 +116,20 @@ def test_the_documented_recipe_writes_an_empty_migration_when_nothing_changed(tm
     assert len(new) == 1
     source = new[0].read_text()
     assert "op." not in source and f"down_revision: Union[str, Sequence[str], None] = '{head_revision()}'" in source
+
+
+def test_replicas_starting_together_migrate_one_at_a_time(tmp_path: Path, database: str | None) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    url = url_for(tmp_path, database)
+
+    def start() -> str | None:
+        engine, _ = open_database(url)
+        try:
+            return current_revision(engine)
+        finally:
+            engine.dispose()
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        revisions = list(pool.map(lambda _: start(), range(3)))
+    assert revisions == [head_revision()] * 3

@@ -475,6 +475,42 @@ def _service(
     help="A TGSP signing public key whose packages tenants may upload and serve (repeatable); "
     "each tenant's own server-held signing key is always trusted for that tenant.",
 )
+@click.option(
+    "--lease-seconds",
+    type=click.FloatRange(min=1.0, max=3600.0),
+    default=10.0,
+    show_default=True,
+    help="Replicas on one PostgreSQL database: how long a replica's hold on a session lasts without renewal; "
+    "a dead replica's sessions move to another after this.",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="Log lines as text or as JSON objects; each line of a request carries its request id (X-Request-ID).",
+)
+@click.option(
+    "--max-sessions",
+    type=click.IntRange(min=0),
+    default=1000,
+    show_default=True,
+    help="Most sessions a tenant may hold (0: unlimited); past it, creating one is 429 quota_exceeded.",
+)
+@click.option(
+    "--max-queued",
+    type=click.IntRange(min=0),
+    default=1000,
+    show_default=True,
+    help="Most operations a tenant may have queued or running (0: unlimited); past it, 429 with Retry-After.",
+)
+@click.option(
+    "--max-upload-bytes",
+    type=click.IntRange(min=0),
+    default=64 * 1024**3,
+    show_default=True,
+    help="Most bytes a tenant's datasets and TGSP packages may hold (0: unlimited); an upload past it is 413.",
+)
 @DATA_DIR_OPTION
 @DATABASE_OPTION
 @MASTER_KEY_FILE_OPTION
@@ -485,11 +521,20 @@ def serve_cmd(
     port: int,
     models: tuple[str, ...],
     trusted_signers: tuple[Path, ...],
+    lease_seconds: float,
+    log_format: str,
+    max_sessions: int,
+    max_queued: int,
+    max_upload_bytes: int,
     data_dir: Path,
     database: str | None,
     master_key_file: Path | None,
 ) -> None:
     """Serve the training and inference HTTP API (/api/v1/training, /api/v1/inference, /docs).
+
+    Several replicas may serve one PostgreSQL database (--database, the same
+    master key, each its own --data-dir): any replica accepts any request,
+    and each training session runs on one replica at a time.
 
     Tenants name models by the names given here, never by path, and never
     name a key file: packages are signed and opened with keys the server
@@ -507,14 +552,18 @@ def serve_cmd(
     registry = plugin_manager(ctx).registry
     if not registry.registrations("ml_backend"):
         registry.registration("ml_backend", RunConfig().backend)  # raises, saying what to install
-    for module in ("fastapi", "uvicorn"):
+    for module in ("fastapi", "uvicorn", "alembic", "prometheus_client", "fastapi_offline"):
         require(module)
     import uvicorn
 
+    from tensafe.server import logs
     from tensafe.server.app import create_app
     from tensafe.server.models import ModelRegistry
+    from tensafe.server.quotas import Quotas
 
     registry_of_models = ModelRegistry.parse(models)
+    logs.configure("json" if log_format == "json" else "text")
+    quotas = Quotas(max_sessions=max_sessions, max_queued=max_queued, max_upload_bytes=max_upload_bytes)
     service = _service(
         ctx,
         data_dir,
@@ -523,13 +572,17 @@ def serve_cmd(
         create=True,
         models=registry_of_models,
         trusted_signers=list(trusted_signers),
+        lease_seconds=lease_seconds,
     )
     failed = service.recover()
     if failed:
         click.echo(f"{failed} operations from before a restart are reported failed (retryable)", err=True)
+    service.start_replica()
     click.echo(f"tensafe serve: http://{host}:{port} (data in {data_dir})", err=True)
     try:
-        uvicorn.run(create_app(service), host=host, port=port, log_level="warning", access_log=False)
+        # log_config=None: uvicorn's records go to the handler logs.configure installed, in the chosen format.
+        app = create_app(service, quotas=quotas)
+        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, log_config=None)
     finally:
         service.close()
 
@@ -670,4 +723,54 @@ def _read_receipt(path: Path) -> Any:
         raise UsageError(f"{path} is not a TenSafe audit receipt: {str(exc).splitlines()[0]}") from None
 
 
-CORE_COMMANDS = (plugins_cmd, run_cmd, train_cmd, inference_cmd, serve_cmd, keys_cmd, audit_cmd)
+@click.group("db")
+def db_cmd() -> None:
+    """The server's database schema: its migration revision, and upgrading it (tensafe serve upgrades too)."""
+
+
+def _open_schema(data_dir: Path, database: str | None, *, migrate: bool) -> Any:
+    from tensafe.server import require
+
+    require("sqlalchemy")
+    require("alembic")
+    from tensafe.server.db import database_url, open_database
+
+    if database is None and not data_dir.is_dir():
+        raise UsageError(f"no TenSafe server data in {data_dir}; pass --data-dir or --database")
+    return open_database(database_url(database, data_dir), migrate=migrate)[0]
+
+
+@db_cmd.command("upgrade")
+@DATA_DIR_OPTION
+@DATABASE_OPTION
+def db_upgrade(data_dir: Path, database: str | None) -> None:
+    """Bring the database to the newest schema revision (a database from before migrations is adopted first)."""
+    from tensafe.server.migrate import current_revision
+
+    engine = _open_schema(data_dir, database, migrate=True)
+    try:
+        click.echo(f"database at revision {current_revision(engine)} (head)")
+    finally:
+        engine.dispose()
+
+
+@db_cmd.command("current")
+@DATA_DIR_OPTION
+@DATABASE_OPTION
+def db_current(data_dir: Path, database: str | None) -> None:
+    """Print the database's schema revision and the newest one; exit 1 when it is behind."""
+    from tensafe.server.migrate import current_revision, head_revision
+
+    engine = _open_schema(data_dir, database, migrate=False)
+    try:
+        current = current_revision(engine)
+    finally:
+        engine.dispose()
+    head = head_revision()
+    click.echo(f"current: {current or 'none (run tensafe db upgrade)'}")
+    click.echo(f"head: {head}")
+    if current != head:
+        sys.exit(1)
+
+
+CORE_COMMANDS = (plugins_cmd, run_cmd, train_cmd, inference_cmd, serve_cmd, keys_cmd, audit_cmd, db_cmd)

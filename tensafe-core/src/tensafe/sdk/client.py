@@ -33,7 +33,7 @@ from tensafe.api import (
     TrainStepRequest,
 )
 from tensafe.config import RunConfig
-from tensafe.errors import UsageError
+from tensafe.errors import NotFound, UsageError
 from tensafe.sdk.doors import LocalDoor, RemoteDoor
 from tensafe.sdk.futures import APIFuture
 from tensafe.types import (
@@ -218,6 +218,25 @@ class TenSafeClient:
         spec = TrainingSessionCreate(config=config, sampling_rate=sampling_rate, dataset_size=dataset_size)
         local = None if dataset is None else Path(dataset)
         return TrainingSession(self._door, self._door.create_training(spec, local))
+
+    def training_session(self, session_id: str) -> TrainingSession:
+        """Attach to an existing training session: after this client restarted, or through another replica
+        of the same server. Its adapter, optimizer and privacy spend are those last committed."""
+        info = self._door.info(session_id)
+        if info.kind != "training":
+            raise NotFound(f"no training session {session_id}")
+        return TrainingSession(self._door, info)
+
+    def inference_session(self, session_id: str) -> InferenceSession:
+        """Attach to an existing inference session."""
+        info = self._door.info(session_id)
+        if info.kind != "inference":
+            raise NotFound(f"no inference session {session_id}")
+        return InferenceSession(self._door, info)
+
+    def list_sessions(self) -> list[SessionInfo]:
+        """Your sessions, oldest first (on a server: every session of your tenant)."""
+        return self._door.list_sessions()
 
     def _dataset_id(self, dataset: DatasetInfo | str | Path) -> str:
         if isinstance(dataset, DatasetInfo):

@@ -54,6 +54,10 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 Queued = ForwardBackwardRequest | OptimStepRequest | TrainStepRequest
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+#: Statuses whose Retry-After header the SDK honours.
+RETRY_AFTER_STATUSES = frozenset({429, 503})
+#: Methods safe to send again; other requests are resent only when they carry an Idempotency-Key.
+SAFE_METHODS = frozenset({"GET", "HEAD"})
 
 
 def _run_queued(core: TrainingSessionCore, request: Queued) -> dict[str, Any]:
@@ -162,6 +166,9 @@ class LocalDoor:
         self._sessions[session_id] = _LocalSession(core)
         return self.info(session_id)
 
+    def list_sessions(self) -> list[SessionInfo]:
+        return sorted((self.info(session_id) for session_id in self._sessions), key=lambda info: info.created)
+
     def generate(self, session_id: str, request: SampleRequest) -> SampleResult:
         responses = self._in_order(
             session_id, lambda core: core.generate(request.prompts, request.sampling_params, request.num_samples)
@@ -174,7 +181,13 @@ class LocalDoor:
 
 
 class RemoteDoor:
-    """Sessions on a ``tensafe serve`` server, with retries on 429, 5xx and connection errors."""
+    """Sessions on a ``tensafe serve`` server, with retries on 429, 5xx and connection errors.
+
+    A request is sent again only when that is safe: a GET, a POST that carries
+    an ``Idempotency-Key`` (session creation and queued operations), or any
+    request that never reached the server. ``Retry-After`` on a 429 or 503 is
+    honoured, up to ``max_retry_after`` seconds.
+    """
 
     def __init__(
         self,
@@ -184,6 +197,7 @@ class RemoteDoor:
         timeout: float = 120.0,
         max_retries: int = 5,
         backoff: float = 0.2,
+        max_retry_after: float = 30.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         try:
@@ -205,6 +219,7 @@ class RemoteDoor:
         )
         self.max_retries = max_retries
         self.backoff = backoff
+        self.max_retry_after = max_retry_after
         #: One lock per session, so operations from several threads reach the server in call order.
         self._order: dict[str, threading.Lock] = {}
 
@@ -218,24 +233,64 @@ class RemoteDoor:
         raw: bytes | None = None,
         params: dict[str, str] | None = None,
     ) -> Any:
-        """Send, retrying transient failures with exponential backoff and jitter; raise typed errors.
+        """Send, retrying transient failures of requests safe to repeat; raise typed errors.
 
-        ``body`` is a request model sent as JSON; ``raw`` bytes are sent as they are (uploads).
+        ``body`` is a request model sent as JSON; ``raw`` bytes are sent as they are (uploads). Waits
+        between tries follow ``Retry-After`` when the server sends one, else exponential backoff with jitter.
         """
         content = raw if raw is not None else body.model_dump_json() if body is not None else None
         kind = "application/octet-stream" if raw is not None else "application/json"
         all_headers = {"Content-Type": kind, **(headers or {})}
+        repeatable = method.upper() in SAFE_METHODS or "Idempotency-Key" in all_headers
         for attempt in range(self.max_retries + 1):
+            pause = self.backoff * (2**attempt) * (0.5 + random.random())
             try:
                 response = self._http.request(method, path, content=content, headers=all_headers, params=params)
             except self._httpx.TransportError as exc:
+                unsent = isinstance(exc, self._httpx.ConnectError | self._httpx.ConnectTimeout)
+                if not (unsent or repeatable):
+                    raise OperationFailed(
+                        f"the connection to the TenSafe server was lost after {method} {path} was sent ({exc}); "
+                        "it may have been carried out, so it is not sent again",
+                        retryable=False,
+                    ) from None
                 if attempt == self.max_retries:
                     raise OperationFailed(f"cannot reach the TenSafe server: {exc}", retryable=True) from None
             else:
-                if response.status_code not in RETRY_STATUSES or attempt == self.max_retries:
+                if not self._retry(response, repeatable) or attempt == self.max_retries:
                     return self._decode(response)
-            time.sleep(self.backoff * (2**attempt) * (0.5 + random.random()))
+                pause = self._retry_after(response, pause)
+            time.sleep(pause)
         raise AssertionError("unreachable")
+
+    def _retry(self, response: httpx.Response, repeatable: bool) -> bool:
+        """Whether to send the request again: a transient status, a repeatable request, not refused for good."""
+        if response.status_code not in RETRY_STATUSES or not repeatable:
+            return False
+        if response.headers.get("content-type", "").startswith("application/json"):
+            try:
+                data = response.json()
+            except ValueError:
+                return True
+            # A 429 the server says waiting will not cure (a quota of sessions) is not retried.
+            return not (isinstance(data, dict) and data.get("retryable") is False)
+        return True
+
+    def _retry_after(self, response: httpx.Response, default: float) -> float:
+        """Seconds to wait before the next try: the server's Retry-After (capped) on 429/503, else ``default``."""
+        value = response.headers.get("retry-after", "").strip()
+        if response.status_code not in RETRY_AFTER_STATUSES or not value:
+            return default
+        try:
+            seconds = float(value)
+        except ValueError:
+            from email.utils import parsedate_to_datetime
+
+            try:
+                seconds = parsedate_to_datetime(value).timestamp() - time.time()
+            except (TypeError, ValueError):
+                return default
+        return min(max(seconds, 0.0), self.max_retry_after)
 
     def _decode(self, response: httpx.Response) -> Any:
         binary = response.headers.get("content-type", "").startswith("application/octet-stream")
@@ -255,7 +310,9 @@ class RemoteDoor:
         return self._order.setdefault(session_id, threading.Lock())
 
     def create_training(self, spec: RemoteTrainingSessionCreate) -> SessionInfo:
-        return SessionInfo.model_validate(self.request("POST", "/training", body=spec))
+        # One key for every try: a retry after a lost answer (a slow model load) returns the first session.
+        key = {"Idempotency-Key": uuid.uuid4().hex}
+        return SessionInfo.model_validate(self.request("POST", "/training", body=spec, headers=key))
 
     def models(self) -> list[ModelInfo]:
         return [ModelInfo.model_validate(m) for m in self.request("GET", "/models")]
@@ -336,7 +393,11 @@ class RemoteDoor:
         return exported
 
     def create_inference(self, spec: RemoteInferenceSessionCreate) -> SessionInfo:
-        return SessionInfo.model_validate(self.request("POST", "/inference", body=spec))
+        key = {"Idempotency-Key": uuid.uuid4().hex}
+        return SessionInfo.model_validate(self.request("POST", "/inference", body=spec, headers=key))
+
+    def list_sessions(self) -> list[SessionInfo]:
+        return [SessionInfo.model_validate(info) for info in self.request("GET", "/sessions")]
 
     def generate(self, session_id: str, request: SampleRequest) -> SampleResult:
         with self._lock(session_id):

@@ -54,6 +54,10 @@ from tensafe.errors import (
     UsageError,
 )
 from tensafe.server.auth import authenticate
+from tensafe.server.idempotency import Creations
+from tensafe.server.logs import RequestContext
+from tensafe.server.metrics import RequestMetrics, ServerMetrics
+from tensafe.server.quotas import QuotaGuard, Quotas, RetryLater
 from tensafe.server.service import SessionService
 from tensafe.server.tenant_keys import MAX_PACKAGE_BYTES
 from tensafe.server.uploads import MAX_DATASET_BYTES, receive
@@ -153,9 +157,18 @@ UploadName = Annotated[str, Query(max_length=200, pattern=r"^[^\x00-\x1f]*$")]
 UPLOAD_PATHS = (f"{PREFIX}/packages", f"{PREFIX}/datasets")
 
 
-def create_app(service: SessionService, *, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
-    """The HTTP API over ``service``."""
-    app = FastAPI(
+def create_app(
+    service: SessionService, *, max_body_bytes: int = MAX_BODY_BYTES, quotas: Quotas | None = None
+) -> FastAPI:
+    """The HTTP API over ``service``, each tenant held to ``quotas`` (the defaults when None)."""
+    from fastapi_offline import FastAPIOffline
+
+    # Swagger UI's assets come from the fastapi-offline wheel, not a CDN: /docs works on an air-gapped host.
+    app = FastAPIOffline(
+        docs_url="/docs",
+        redoc_url=None,
+        static_url="/docs-assets",
+        swagger_ui_parameters={"validatorUrl": None},
         title="TenSafe",
         version=__version__,
         description="Private LoRA fine-tuning and inference: training sessions with DP-SGD and exact "
@@ -165,6 +178,13 @@ def create_app(service: SessionService, *, max_body_bytes: int = MAX_BODY_BYTES)
     @app.exception_handler(TensafeError)
     async def tensafe_error(_: Request, exc: TensafeError) -> JSONResponse:
         return _error_response(status_for(exc), exc.to_dict())
+
+    @app.exception_handler(RetryLater)
+    async def retry_later(_: Request, exc: RetryLater) -> JSONResponse:
+        response = _error_response(429, exc.to_dict())
+        if exc.retry_after is not None:
+            response.headers["Retry-After"] = str(exc.retry_after)
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -184,6 +204,9 @@ def create_app(service: SessionService, *, max_body_bytes: int = MAX_BODY_BYTES)
         return _error_response(exc.status_code, {"error": code, "message": str(exc.detail)})
 
     app.state.service = service
+    guard = QuotaGuard(quotas or Quotas(), service.db)
+    creations = Creations(service.db)
+    metrics = ServerMetrics(service.db, service.pm)
 
     # The health checks never queue behind tenant work: they run on the event loop, and readiness's
     # database check on a thread of its own (one: a database that hangs ties up no more than that).
@@ -194,6 +217,12 @@ def create_app(service: SessionService, *, max_body_bytes: int = MAX_BODY_BYTES)
 
         with service.db() as db:
             db.execute(text("SELECT 1"))
+
+    @app.get("/metrics", tags=["health"], response_class=Response)
+    def prometheus_metrics() -> Response:
+        """Prometheus metrics: requests, latencies, unfinished operations, optimizer steps, epsilon per tenant id."""
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
 
     @app.get("/healthz", tags=["health"])
     async def health() -> dict[str, str]:
@@ -211,12 +240,26 @@ def create_app(service: SessionService, *, max_body_bytes: int = MAX_BODY_BYTES)
     # -- training -------------------------------------------------------------
 
     @app.post(f"{PREFIX}/training", tags=["training"], status_code=201)
-    def create_training(body: RemoteTrainingSessionCreate, tenant_id: Tenant) -> SessionInfo:
-        return service.create_training(tenant_id, body)
+    async def create_training(
+        body: RemoteTrainingSessionCreate, tenant_id: Tenant, idempotency_key: IdempotencyKey = None
+    ) -> SessionInfo:
+        """Create a training session; a retry with the same Idempotency-Key returns the first one."""
+
+        def make() -> SessionInfo:
+            guard.check_sessions(tenant_id)
+            return service.create_training(tenant_id, body)
+
+        request = f"training {body.model_dump_json()}"
+        return await creations.create(tenant_id, idempotency_key, request, make, lambda s: service.info(tenant_id, s))
 
     @app.get(f"{PREFIX}/training", tags=["training"])
     def list_training(tenant_id: Tenant) -> list[SessionInfo]:
         return [s for s in service.list_sessions(tenant_id) if s.kind == "training"]
+
+    @app.get(f"{PREFIX}/sessions", tags=["training"])
+    def list_sessions(tenant_id: Tenant) -> list[SessionInfo]:
+        """Every session of yours, training and inference, oldest first: attach to one after a restart."""
+        return service.list_sessions(tenant_id)
 
     @app.get(f"{PREFIX}/training/{{session_id}}", tags=["training"])
     def training_info(session_id: str, tenant_id: Tenant) -> SessionInfo:
@@ -229,6 +272,7 @@ def create_app(service: SessionService, *, max_body_bytes: int = MAX_BODY_BYTES)
         key: str | None,
         background: BackgroundTasks,
     ) -> FutureInfo:
+        await run_in_threadpool(guard.check_queued, tenant_id)
         # The worker starts once the reply is sent: its computation never delays the 202.
         info = await run_in_threadpool(service.submit, tenant_id, session_id, body, key, defer=True)
         background.add_task(service.start_session, session_id)
@@ -297,7 +341,8 @@ def create_app(service: SessionService, *, max_body_bytes: int = MAX_BODY_BYTES)
         open it: signed by the tenant's server-held key or a signer the operator trusts, within its policy,
         and encrypted to the tenant's recipient key (GET /api/v1/keys)."""
         with service.tgsp.workspace() as directory:
-            path = await receive(request, directory / "upload.tgsp", MAX_PACKAGE_BYTES)
+            allowed = await run_in_threadpool(guard.upload_allowance, tenant_id, MAX_PACKAGE_BYTES)
+            path = await receive(request, directory / "upload.tgsp", allowed)
             return await run_in_threadpool(service.upload_package, tenant_id, path, name)
 
     @app.get(f"{PREFIX}/keys", tags=["packages"])
@@ -310,7 +355,8 @@ def create_app(service: SessionService, *, max_body_bytes: int = MAX_BODY_BYTES)
         """Upload a JSONL dataset (the body), stored encrypted under your tenant key; train on it with a
         session created with its dataset_id, whose batches the server Poisson-samples."""
         with service.tgsp.workspace() as directory:
-            path = await receive(request, directory / "dataset.jsonl", MAX_DATASET_BYTES)
+            allowed = await run_in_threadpool(guard.upload_allowance, tenant_id, MAX_DATASET_BYTES)
+            path = await receive(request, directory / "dataset.jsonl", allowed)
             return await run_in_threadpool(service.upload_dataset, tenant_id, path.read_bytes(), name)
 
     @app.get(f"{PREFIX}/models", tags=["inference"])
@@ -321,8 +367,17 @@ def create_app(service: SessionService, *, max_body_bytes: int = MAX_BODY_BYTES)
     # -- inference ------------------------------------------------------------
 
     @app.post(f"{PREFIX}/inference", tags=["inference"], status_code=201)
-    def create_inference(body: RemoteInferenceSessionCreate, tenant_id: Tenant) -> SessionInfo:
-        return service.create_inference(tenant_id, body)
+    async def create_inference(
+        body: RemoteInferenceSessionCreate, tenant_id: Tenant, idempotency_key: IdempotencyKey = None
+    ) -> SessionInfo:
+        """Create an inference session; a retry with the same Idempotency-Key returns the first one."""
+
+        def make() -> SessionInfo:
+            guard.check_sessions(tenant_id)
+            return service.create_inference(tenant_id, body)
+
+        request = f"inference {body.model_dump_json()}"
+        return await creations.create(tenant_id, idempotency_key, request, make, lambda s: service.info(tenant_id, s))
 
     @app.get(f"{PREFIX}/inference/{{session_id}}", tags=["inference"])
     def inference_info(session_id: str, tenant_id: Tenant) -> SessionInfo:
@@ -356,4 +411,6 @@ def create_app(service: SessionService, *, max_body_bytes: int = MAX_BODY_BYTES)
         return service.verify_audit(tenant_id)
 
     app.add_middleware(BodyLimit, limit=max_body_bytes, exempt=UPLOAD_PATHS)
+    app.add_middleware(RequestMetrics, metrics=metrics)
+    app.add_middleware(RequestContext)  # outermost: the request id is set before anything else logs
     return app

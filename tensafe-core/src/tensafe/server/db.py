@@ -103,6 +103,36 @@ class ArtifactBlob(Base):
     data: Mapped[bytes] = mapped_column(LargeBinary)
 
 
+class SessionLease(Base):
+    """Which replica runs a session, until when, under which fencing token.
+
+    A replica runs a session only while it holds the lease; taking a lease
+    over (after it expired) increments the token, and every commit of the
+    session's state checks the token, so a replica that lost its lease cannot
+    write over its successor's steps.
+    """
+
+    __tablename__ = "session_leases"
+    session_id: Mapped[str] = mapped_column(ForeignKey("sessions.id"), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(32))
+    token: Mapped[int] = mapped_column(Integer, default=1)
+    expires: Mapped[float] = mapped_column(Float)
+
+
+class WorkItem(Base):
+    """An operation a replica accepted for a session another replica runs: queued until the holder takes it."""
+
+    __tablename__ = "work_items"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    future_id: Mapped[str] = mapped_column(ForeignKey("futures.id"), unique=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    session_id: Mapped[str] = mapped_column(ForeignKey("sessions.id"), index=True)
+    operation: Mapped[str] = mapped_column(String(32))
+    #: The request, sealed under the tenant's key (it holds the caller's batch).
+    request: Mapped[str] = mapped_column(Text)
+    taken_by: Mapped[str | None] = mapped_column(String(32), nullable=True)
+
+
 class AuditRow(Base):
     __tablename__ = "audit_records"
     __table_args__ = (UniqueConstraint("tenant_id", "seq"),)
@@ -138,12 +168,16 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def open_database(url: str) -> tuple[Engine, sessionmaker[Any]]:
-    """Connect, create missing tables, and return the engine and a session factory.
+def open_database(url: str, *, migrate: bool = True) -> tuple[Engine, sessionmaker[Any]]:
+    """Connect, bring the schema to the newest migration, and return the engine and a session factory.
 
-    A URL SQLAlchemy cannot use, or a database it cannot reach, is a :class:`ConfigError`.
+    With ``migrate=False`` the schema is left as it is (``tensafe db current`` reads it without changing it).
+    A database from before migrations existed is adopted (see :mod:`tensafe.server.migrate`). A URL
+    SQLAlchemy cannot use, or a database it cannot reach, is a :class:`ConfigError`.
     """
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
+
+    from tensafe.server import migrate as migrations
 
     try:
         if url.startswith("sqlite"):
@@ -157,7 +191,10 @@ def open_database(url: str) -> tuple[Engine, sessionmaker[Any]]:
             "(PostgreSQL needs python -m pip install './tensafe-core[postgres]')"
         ) from None
     try:
-        Base.metadata.create_all(engine)
+        if migrate:
+            migrations.upgrade(engine)
+        else:
+            engine.connect().close()
     except OperationalError as exc:
         engine.dispose()
         raise ConfigError(f"cannot reach the database {engine.url!r}: {exc.orig}") from None

@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 #: The revision whose schema is the one ``create_all`` made before migrations existed.
 INITIAL_REVISION = "0001"
 SCRIPT_LOCATION = "tensafe.server:migrations"
-#: Replicas starting together on one PostgreSQL database migrate one at a time (pg_advisory_xact_lock key).
+#: Replicas starting together on one PostgreSQL database migrate one at a time (pg_advisory_xact_lock key);
+#: on SQLite the migration holds the database's write lock.
 MIGRATION_LOCK = 0x7E45AFE
 
 
@@ -63,6 +64,9 @@ def upgrade(engine: Engine) -> None:
     with engine.begin() as connection:
         if connection.dialect.name == "postgresql":
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
+        elif connection.dialect.name == "sqlite":
+            # The write lock first: another process migrating meanwhile is waited for (busy_timeout), not raced.
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
         tables = set(inspect(connection).get_table_names())
         config = alembic_config(connection)
         if "tenants" in tables and "alembic_version" not in tables:

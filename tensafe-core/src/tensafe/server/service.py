@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pydantic import BaseModel
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
@@ -42,6 +43,7 @@ from tensafe.api import (
     ExportRequest,
     ForwardBackwardRequest,
     FutureInfo,
+    LoadStateRequest,
     ModelInfo,
     OptimStepRequest,
     PrivacySpent,
@@ -50,6 +52,7 @@ from tensafe.api import (
     SampleRequest,
     SampleResult,
     SavedState,
+    SaveStateRequest,
     SessionInfo,
     TenantKeys,
     TrainingSessionCreate,
@@ -67,10 +70,14 @@ from tensafe.server.crypto import (
     sign_meta,
 )
 from tensafe.server.db import DB_FILE, ArtifactRow, AuditRow, FutureRow, SessionRow, Tenant, database_url, open_database
+from tensafe.server.handoff import Handoff
 from tensafe.server.models import ModelRegistry
+from tensafe.server.operations import SYNCHRONOUS
 from tensafe.server.receipts import ReceiptSigner
+from tensafe.server.recovery import recover, recover_session
+from tensafe.server.replicas import LEASE_SECONDS, LeaseLost, Leases
 from tensafe.server.storage import ArtifactStore
-from tensafe.server.tenant_keys import TenantKeyring, clear_scratch, scratch_dir
+from tensafe.server.tenant_keys import TenantKeyring, scratch_dir
 from tensafe.server.uploads import parse_dataset
 from tensafe.server.waits import FutureWaits
 from tensafe.sessions import InferenceSessionCore, TrainingSessionCore
@@ -87,6 +94,12 @@ def _new_id() -> str:
 
 
 Queued = ForwardBackwardRequest | OptimStepRequest | TrainStepRequest
+#: The operations a tenant queues and polls as futures, by name.
+QUEUED_REQUESTS: dict[str, type[Queued]] = {
+    "forward_backward": ForwardBackwardRequest,
+    "optim_step": OptimStepRequest,
+    "train_step": TrainStepRequest,
+}
 
 
 def _operation(request: Queued) -> str:
@@ -146,6 +159,12 @@ class _Live:
     core: Any
     worker: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(max_workers=1))
     pending: int = 0
+    #: The lease token the session was loaded under (training sessions; see tensafe.server.replicas).
+    token: int | None = None
+    #: The step of the state last committed from this copy: a commit expects to find it stored.
+    committed_step: int = 0
+    #: Set when this copy was dropped: it must never commit again.
+    evicted: bool = False
     #: Operations accepted but not yet handed to the worker, in submission order (see ``submit(defer=...)``).
     unstarted: list[Callable[[], Any]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -170,6 +189,7 @@ class SessionService:
         master_key_file: Path | None = None,
         models: ModelRegistry | None = None,
         trusted_signers: Sequence[Path] = (),
+        lease_seconds: float = LEASE_SECONDS,
     ) -> None:
         self.data_dir = data_dir
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -190,8 +210,11 @@ class SessionService:
         self.models = models if models is not None else ModelRegistry.embedded()
         self.scratch = scratch_dir(data_dir)
         self.tgsp = TenantKeyring(self, self.scratch, trusted_signers)
+        self.leases = Leases(lease_seconds, exclusive=database is None)
+        self.handoff = Handoff(self)
 
     def close(self) -> None:
+        self.handoff.stop()
         for live in list(self._live.values()):
             live.worker.shutdown(wait=True)
         self._live.clear()
@@ -212,75 +235,14 @@ class SessionService:
 
     # -- startup ----------------------------------------------------------------
 
+    def start_replica(self) -> None:
+        """Take work other replicas hand this one, and keep its leases (``tensafe serve``, after :meth:`recover`)."""
+        self.handoff.start()
+
     def recover(self) -> int:
-        """Report work that a previous process accepted but never finished as failed and retryable.
-
-        Called by ``tensafe serve`` at start (not by the key and audit commands,
-        which may run beside a live server).
-
-        Gradients accumulated by forward_backward calls after a session's last
-        committed step lived only in that process's memory, so those calls are
-        reported failed too. Returns how many futures were marked.
-
-        A data directory without an audit head file (new, or from before there
-        was one) gets one holding the database's heads as they are now, and
-        the records an earlier version kept in the clear are taken as they
-        are: metadata signed, results sealed (see :meth:`_adopt_legacy_records`).
-        """
-        clear_scratch(self.scratch)
-        first_start = not self.heads.exists()
-        lost = ErrorInfo(
-            error="server_restarted", message="the server restarted before this operation finished", retryable=True
-        ).model_dump_json()
-        gone = ErrorInfo(
-            error="gradients_lost",
-            message="the server restarted before the optimizer step that would have used these gradients",
-            retryable=True,
-        ).model_dump_json()
-        with self.db() as db:
-            unfinished = list(
-                db.execute(select(FutureRow.id).where(FutureRow.status.in_(("queued", "running")))).scalars()
-            )
-            if unfinished:
-                db.execute(update(FutureRow).where(FutureRow.id.in_(unfinished)).values(status="failed", error=lost))
-            stale = db.execute(
-                select(FutureRow.id)
-                .join(SessionRow, SessionRow.id == FutureRow.session_id)
-                .where(
-                    FutureRow.operation == "forward_backward",
-                    FutureRow.status == "completed",
-                    FutureRow.after_step >= SessionRow.step,
-                )
-            ).scalars()
-            ids = list(stale)
-            if ids:
-                db.execute(update(FutureRow).where(FutureRow.id.in_(ids)).values(status="failed", error=gone))
-            if first_start:
-                self._adopt_legacy_records(db)
-        if first_start:
-            with self.db() as db:
-                tenants = db.execute(select(Tenant.id, Tenant.audit_seq, Tenant.audit_head)).all()
-            self.heads.advance({tid: (seq, head) for tid, seq, head in tenants if seq})
-        return len(unfinished) + len(ids)
-
-    def _adopt_legacy_records(self, db: Session) -> None:
-        """Sign metadata and seal results written in the clear by a version before these protections."""
-
-        def legacy(stored: str) -> dict[str, Any] | None:
-            value = json.loads(stored) if stored else None
-            return value if isinstance(value, dict) and set(value) != {"meta", "mac"} else None
-
-        for row in db.execute(select(SessionRow).where(SessionRow.state_artifact.is_not(None))).scalars():
-            meta = legacy(row.meta)
-            if meta is not None:
-                row.meta = sign_meta(self.keyring.meta_key, f"{row.tenant_id}/{row.state_artifact}", meta)
-        for artifact in db.execute(select(ArtifactRow)).scalars():
-            meta = legacy(artifact.meta)
-            if meta is not None:
-                artifact.meta = sign_meta(self.keyring.meta_key, f"{artifact.tenant_id}/{artifact.id}", meta)
-        for future in db.execute(select(FutureRow).where(FutureRow.result.like("{%"))).scalars():
-            assert future.result is not None
-            future.result = self._sealed_result(db, future.id, future.tenant_id, json.loads(future.result))
+        """Report work that a previous process accepted but never finished as failed (see
+        :func:`tensafe.server.recovery.recover`); called by ``tensafe serve`` at start."""
+        return recover(self)
 
     # -- helpers ----------------------------------------------------------------
 
@@ -329,8 +291,9 @@ class SessionService:
             raise NotFound(f"no {kind} {artifact_id}")
         return row, self.store.read(db, tenant_id, artifact_id, self.tenant_key(db, tenant_id))
 
-    def _live_session(self, tenant_id: str, session_id: str, kind: str) -> _Live:
-        """The tenant's session as loaded in this process, rebuilt from its last committed state if need be.
+    def _live_session(self, tenant_id: str, session_id: str, kind: str) -> _Live | None:
+        """The tenant's session as loaded in this process, rebuilt from its last committed state if need be;
+        None for a training session whose lease another live replica holds (hand it the work instead).
 
         The database says whether the tenant has the session before the map of
         loaded sessions is consulted: another tenant's session, loaded or not,
@@ -339,15 +302,54 @@ class SessionService:
         with self.db() as db:
             self._row(db, tenant_id, session_id, kind)
         live = self._live.get(session_id)
-        if live is not None:
+        if kind == "inference":
+            if live is None:
+                with self._loading:
+                    live = self._live.get(session_id)
+                    if live is None:
+                        with self.db() as db:
+                            live = _Live(tenant_id, kind, self._rebuild(db, self._row(db, tenant_id, session_id)))
+                        self._live[session_id] = live
+            return live
+        token = self.leases.token(session_id)
+        if live is not None and not live.evicted and token is not None and live.token == token:
             return live
         with self._loading:
+            with self.db() as db:
+                grant = self.leases.acquire(db, session_id)
+                if grant is None:
+                    return None
+                if grant.taken_over:
+                    recover_session(self, db, session_id)
             live = self._live.get(session_id)
-            if live is None:
-                with self.db() as db:
-                    live = _Live(tenant_id, kind, self._rebuild(db, self._row(db, tenant_id, session_id, kind)))
-                self._live[session_id] = live
+            if live is not None and not live.evicted and live.token == grant.token:
+                return live
+            if live is not None:
+                self._evict(session_id, live)
+            with self.db() as db:
+                row = self._row(db, tenant_id, session_id, kind)
+                live = _Live(tenant_id, kind, self._rebuild(db, row), token=grant.token, committed_step=row.step)
+            self._live[session_id] = live
             return live
+
+    def holder(self, tenant_id: str, session_id: str) -> _Live | None:
+        """The training session if this replica runs it (taking it over if its lease expired), else None."""
+        return self._live_session(tenant_id, session_id, "training")
+
+    def drop(self, session_id: str) -> None:
+        """Forget a session whose lease this replica lost."""
+        live = self._live.get(session_id)
+        if live is not None:
+            self._evict(session_id, live)
+
+    new_id = staticmethod(_new_id)
+
+    def _evict(self, session_id: str, live: _Live) -> None:
+        """Drop a copy that may no longer commit (its lease was lost, or a commit failed after it changed)."""
+        live.evicted = True
+        if self._live.get(session_id) is live:
+            del self._live[session_id]
+        live.worker.shutdown(wait=False)
 
     def _rebuild(self, db: Session, row: SessionRow) -> Any:
         """A session's core from its stored spec and its last committed state."""
@@ -387,8 +389,25 @@ class SessionService:
             created=row.created,
         )
 
-    def _commit_state(self, db: Session, tenant_id: str, row: SessionRow, core: TrainingSessionCore) -> str | None:
-        """Store the session's current state as its recovery point; returns the artifact it replaces."""
+    def _check_holder(self, db: Session, session_id: str, live: _Live) -> None:
+        """Inside a commit: this copy of the session is still the one that may write (see :meth:`_commit_state`)."""
+        if live.evicted:
+            raise LeaseLost(session_id)
+        if live.token is not None:
+            self.leases.check(db, session_id, live.token)
+
+    def _commit_state(self, db: Session, row: SessionRow, live: _Live) -> str | None:
+        """Store the session's current state as its recovery point; returns the artifact it replaces.
+
+        Compare-and-set: the commit goes through only while this replica holds
+        the session's lease under the token it loaded it with, and the stored
+        step is the one this copy last committed (else :class:`LeaseLost`).
+        """
+        tenant_id, core = row.tenant_id, live.core
+        self._check_holder(db, row.id, live)
+        if live.token is not None and row.step != live.committed_step:
+            self.leases.forget(row.id)
+            raise LeaseLost(row.id)
         state, meta = core.snapshot()
         spent = core.privacy_spent()
         meta["spent"] = spent.model_dump() if spent is not None else None
@@ -399,6 +418,7 @@ class SessionService:
         if previous is not None:
             db.execute(delete(ArtifactRow).where(ArtifactRow.id == previous))
             self.store.delete(db, previous)
+        live.committed_step = core.step
         return previous
 
     # -- training sessions -----------------------------------------------------------
@@ -427,7 +447,10 @@ class SessionService:
             )
             db.add(row)
             db.flush()
-            self._commit_state(db, tenant_id, row, core)
+            grant = self.leases.acquire(db, session_id)
+            assert grant is not None  # a new session's lease is free
+            live = _Live(tenant_id, "training", core, token=grant.token)
+            self._commit_state(db, row, live)
             audit.append(
                 db,
                 self.keyring.audit_key,
@@ -438,7 +461,7 @@ class SessionService:
                 {"step": 0},
                 core.epsilon(),
             )
-        self._live[session_id] = _Live(tenant_id, "training", core)
+        self._live[session_id] = live
         return self._info(row)
 
     def list_sessions(self, tenant_id: str) -> list[SessionInfo]:
@@ -477,6 +500,11 @@ class SessionService:
                 ).scalar_one_or_none()
                 if existing is not None:
                     return self._future_info(existing, self.tenant_key(db, tenant_id))
+            if live is None:  # another replica runs the session: hand it the work
+                db.rollback()
+        if live is None:
+            return self._future_info(self.handoff.forward(tenant_id, session_id, operation, request, request_key), b"")
+        with self.db() as db:
             if live.pending >= MAX_PENDING:
                 raise OperationFailed(
                     f"session {session_id} has {live.pending} operations queued", code="too_busy", retryable=True
@@ -511,42 +539,38 @@ class SessionService:
         operation = _operation(request)
         try:
             before = core.step
+            executed = False
             try:
                 result = _execute(core, request)
-            except Exception as exc:
-                error = _error(exc)
+                executed = True
+                replaced = None
                 with self.db() as db:
+                    if operation != "forward_backward":
+                        replaced = self._commit_state(db, self._row(db, live.tenant_id, session_id), live)
+                    else:
+                        self._check_holder(db, session_id, live)
                     db.execute(
                         update(FutureRow)
                         .where(FutureRow.id == future_id)
-                        .values(status="failed", error=error.model_dump_json(), after_step=before)
+                        .values(status="completed", result=self.seal_result(db, future_id, live.tenant_id, result))
+                        .values(after_step=before)
                     )
-                outcome = FutureInfo(
-                    future_id=future_id, session_id=session_id, operation=operation, status="failed", error=error
-                )
+                    audited_request, audited_result = _audited(core, request, result, self.keyring.audit_key)
+                    audit.append(
+                        db,
+                        self.keyring.audit_key,
+                        live.tenant_id,
+                        operation,
+                        session_id,
+                        audited_request,
+                        audited_result,
+                        core.epsilon(),
+                    )
+            except Exception as exc:
+                if executed:  # the copy in memory moved past what is committed: it must be rebuilt
+                    self._evict(session_id, live)
+                outcome = self._failed(future_id, session_id, operation, exc, before)
                 return
-            replaced = None
-            with self.db() as db:
-                if operation != "forward_backward":
-                    row = self._row(db, live.tenant_id, session_id)
-                    replaced = self._commit_state(db, live.tenant_id, row, core)
-                db.execute(
-                    update(FutureRow)
-                    .where(FutureRow.id == future_id)
-                    .values(status="completed", result=self._sealed_result(db, future_id, live.tenant_id, result))
-                    .values(after_step=before)
-                )
-                audited_request, audited_result = _audited(core, request, result, self.keyring.audit_key)
-                audit.append(
-                    db,
-                    self.keyring.audit_key,
-                    live.tenant_id,
-                    operation,
-                    session_id,
-                    audited_request,
-                    audited_result,
-                    core.epsilon(),
-                )
             outcome = FutureInfo(
                 future_id=future_id, session_id=session_id, operation=operation, status="completed", result=result
             )
@@ -557,7 +581,28 @@ class SessionService:
             # Waiters get the committed outcome as it is, without reading it back from the database.
             self.waits.finished(future_id, outcome)
 
-    def _sealed_result(self, db: Session, future_id: str, tenant_id: str, result: dict[str, Any]) -> str:
+    def _failed(self, future_id: str, session_id: str, operation: str, exc: BaseException, before: int) -> FutureInfo:
+        error = self.mark_failed(future_id, exc, before)
+        return FutureInfo(
+            future_id=future_id,
+            session_id=session_id,
+            operation=operation,
+            status="failed",
+            error=error,
+        )
+
+    def mark_failed(self, future_id: str, exc: BaseException, before: int) -> ErrorInfo:
+        """Record an operation's failure on its future row."""
+        error = _error(exc)
+        with self.db() as db:
+            db.execute(
+                update(FutureRow)
+                .where(FutureRow.id == future_id)
+                .values(status="failed", error=error.model_dump_json(), after_step=before)
+            )
+        return error
+
+    def seal_result(self, db: Session, future_id: str, tenant_id: str, result: dict[str, Any]) -> str:
         """A result as the database keeps it: encrypted under the tenant's key (it holds per-datum logprobs)."""
         return seal_text(self.tenant_key(db, tenant_id), json.dumps(result), f"future:{tenant_id}/{future_id}")
 
@@ -578,7 +623,11 @@ class SessionService:
     def future(self, tenant_id: str, future_id: str) -> FutureInfo:
         """The tenant's future as it stands; another tenant's id is looked up as an absent one."""
         with self.db() as db:
-            query = select(FutureRow).where(FutureRow.id == future_id, FutureRow.tenant_id == tenant_id)
+            query = select(FutureRow).where(
+                FutureRow.id == future_id,
+                FutureRow.tenant_id == tenant_id,
+                FutureRow.operation.in_(QUEUED_REQUESTS),  # not the rows of calls handed between replicas
+            )
             row = db.execute(query).scalar_one_or_none()
             if row is None:
                 raise NotFound(f"no future {future_id}")
@@ -589,97 +638,29 @@ class SessionService:
         return await self.waits.status(tenant_id, min(wait, MAX_WAIT_S), lambda: self.future(tenant_id, future_id))
 
     def sample(self, tenant_id: str, session_id: str, request: SampleRequest) -> SampleResult:
-        live = self._live_session(tenant_id, session_id, "training")
-        core: TrainingSessionCore = live.core
-        responses = self._on_worker(
-            live, lambda: core.sample(request.prompts, request.sampling_params, request.num_samples)
-        )
-        return SampleResult(responses=responses)
+        result: SampleResult = self._call(tenant_id, session_id, "sample", request)
+        return result
 
     def save_state(self, tenant_id: str, session_id: str, name: str | None = None) -> SavedState:
-        live = self._live_session(tenant_id, session_id, "training")
-        core: TrainingSessionCore = live.core
-
-        def work() -> SavedState:
-            state, meta = core.snapshot()
-            with self.db() as db:
-                state_id = self.store_artifact(db, tenant_id, "state", state, name or "", meta)
-                saved = SavedState(state_id=state_id, step=core.step, epsilon=core.epsilon())
-                audit.append(
-                    db,
-                    self.keyring.audit_key,
-                    tenant_id,
-                    "save_state",
-                    session_id,
-                    {"name": name},
-                    saved.model_dump(),
-                    core.epsilon(),
-                )
-            return saved
-
-        return self._on_worker(live, work)
+        saved: SavedState = self._call(tenant_id, session_id, "save_state", SaveStateRequest(name=name))
+        return saved
 
     def load_state(self, tenant_id: str, session_id: str, state_id: str) -> SessionInfo:
-        live = self._live_session(tenant_id, session_id, "training")
-        core: TrainingSessionCore = live.core
-
-        def work() -> SessionInfo:
-            with self.db() as db:
-                artifact, state = self._artifact(db, tenant_id, state_id, "state")
-                core.restore(state, open_meta(self.keyring.meta_key, f"{tenant_id}/{state_id}", artifact.meta))
-                row = self._row(db, tenant_id, session_id)
-                replaced = self._commit_state(db, tenant_id, row, core)
-                audit.append(
-                    db,
-                    self.keyring.audit_key,
-                    tenant_id,
-                    "load_state",
-                    session_id,
-                    {"state_id": state_id},
-                    {"step": core.step},
-                    core.epsilon(),
-                )
-                info = self._info(row)
-            if replaced is not None:
-                self.store.discard_file(tenant_id, replaced)
-            return info
-
-        return self._on_worker(live, work)
+        info: SessionInfo = self._call(tenant_id, session_id, "load_state", LoadStateRequest(state_id=state_id))
+        return info
 
     def export_tgsp(self, tenant_id: str, session_id: str, request: ExportRequest) -> ExportedPackage:
         """Sign the adapter with the tenant's key; encrypt it to the tenant's key and ``request.recipients``."""
+        exported: ExportedPackage = self._call(tenant_id, session_id, "export_tgsp", request)
+        return exported
+
+    def _call(self, tenant_id: str, session_id: str, operation: str, request: BaseModel) -> Any:
+        """A synchronous operation on a training session: here if this replica runs it, else by its holder."""
         live = self._live_session(tenant_id, session_id, "training")
-        core: TrainingSessionCore = live.core
-        name = request.name
-
-        def work() -> ExportedPackage:
-            with self.tgsp.workspace() as directory, self.tgsp.files(tenant_id, directory) as keys:
-                output = directory / "adapter.tgsp"
-                settings = self.tgsp.export_settings(keys, directory, request.recipients)
-                try:
-                    manifest = core.export_tgsp(output, settings)
-                except TensafeError as exc:
-                    raise UsageError(f"export refused: {exc}") from None
-                package = output.read_bytes()
-            with self.db() as db:
-                meta = {"package_id": manifest.get("package_id"), "session_id": session_id}
-                artifact_id = self.store_artifact(db, tenant_id, "tgsp", package, name or "", meta)
-                exported = ExportedPackage(
-                    artifact_id=artifact_id, package_id=manifest.get("package_id"), step=core.step
-                )
-                audit.append(
-                    db,
-                    self.keyring.audit_key,
-                    tenant_id,
-                    "export_tgsp",
-                    session_id,
-                    {"name": name},
-                    exported.model_dump(),
-                    core.epsilon(),
-                )
-            return exported
-
-        return self._on_worker(live, work)
+        if live is None:
+            return self.handoff.call(tenant_id, session_id, operation, request)
+        handler = SYNCHRONOUS[operation][2]
+        return self._on_worker(live, lambda: handler(self, live, session_id, request))
 
     def package_bytes(self, tenant_id: str, artifact_id: str) -> bytes:
         """A TGSP package the tenant exported (itself signed and encrypted to its recipients)."""
@@ -774,6 +755,7 @@ class SessionService:
 
     def generate(self, tenant_id: str, session_id: str, request: SampleRequest) -> SampleResult:
         live = self._live_session(tenant_id, session_id, "inference")
+        assert live is not None  # every replica serves inference sessions itself
         core: InferenceSessionCore = live.core
         responses = self._on_worker(
             live, lambda: core.generate(request.prompts, request.sampling_params, request.num_samples)
