@@ -8,6 +8,14 @@ latency per call, errors, lost steps (acknowledged steps the server does not
 have) and the p50 added per call by the server. Goal: <= 15 ms p50 added.
 
     python benchmarks/server_load.py [--clients 8] [--seconds 60]
+    python benchmarks/server_load.py --replicas 2 --database postgresql://USER:PW@HOST/DB
+
+With ``--replicas N`` (N > 1, on PostgreSQL) the clients are spread over N
+replicas of one database, the same load also runs against one replica for
+the ratio, and the time a session takes to move to a surviving replica after
+a kill -9 of the one running it is measured. Throughput is reported with the
+core count: on a machine with fewer cores than replicas there is no scaling
+to see, and the test is of correctness.
 
 The server commits every optimizer step (state encrypted on disk, privacy spend
 in the database) before answering, so optim_step's added time includes that.
@@ -24,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections import defaultdict
 from pathlib import Path
 
@@ -110,10 +119,10 @@ def free_port() -> int:
         return port
 
 
-def serve(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
+def serve(data_dir: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, "TENSAFE_DATA_DIR": str(data_dir)}
     process = subprocess.Popen(
-        [sys.executable, "-m", "tensafe.cli.main", "serve", "--port", str(port)],
+        [sys.executable, "-m", "tensafe.cli.main", "serve", "--port", str(port), *extra],
         env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -131,33 +140,97 @@ def serve(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
     raise SystemExit("server did not start")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--seconds", type=float, default=60.0)
-    args = parser.parse_args()
+LEASE_S = 3.0
 
-    local = TenSafeClient()
-    baseline, baseline_lost = load([local] * args.clients, args.seconds)
-    local.close()
 
+def served_by(replicas: int, args: argparse.Namespace, *, measure_move: bool = False) -> tuple[Stats, int, float]:
+    """The load against ``replicas`` live servers: stats, lost steps and, with ``measure_move``, the seconds a
+    session takes to move to a surviving replica after a kill -9 of the one running it."""
     with tempfile.TemporaryDirectory(prefix="tensafe-bench-") as scratch:
-        data_dir, port = Path(scratch), free_port()
+        root = Path(scratch)
+        shared: list[str] = ["--lease-seconds", str(LEASE_S)]
+        if args.database:
+            shared += ["--database", args.database, "--master-key-file", str(root / "master.key")]
         key = subprocess.run(
-            [sys.executable, "-m", "tensafe.cli.main", "keys", "create", "bench", "--data-dir", str(data_dir)],
+            [
+                sys.executable,
+                "-m",
+                "tensafe.cli.main",
+                "keys",
+                "create",
+                f"bench-{uuid.uuid4().hex[:8]}",
+                "--data-dir",
+                str(root / "r0"),
+                *shared[2:],
+            ],
             capture_output=True,
             text=True,
             check=True,
         ).stdout.strip()
-        server = serve(data_dir, port)
+        ports = [free_port() for _ in range(replicas)]
+        servers = [serve(root / f"r{i}", port, *shared) for i, port in enumerate(ports)]
         try:
-            remotes = [TenSafeClient(f"http://127.0.0.1:{port}", key) for _ in range(args.clients)]
-            served, served_lost = load(remotes, args.seconds)
+            remotes = [TenSafeClient(f"http://127.0.0.1:{ports[i % replicas]}", key) for i in range(args.clients)]
+            stats, lost = load(remotes, args.seconds)
+            moved = float("nan")
+            if measure_move:
+                session = remotes[0].create_training_session(config(), sampling_rate=0.004, dataset_size=1000)
+                session.forward_backward(batch(0, 0)).result(300)
+                session.optim_step().result(300)
+                other = TenSafeClient(f"http://127.0.0.1:{ports[1]}", key).training_session(session.session_id)
+                servers[0].kill()
+                servers[0].wait()
+                killed = time.monotonic()
+                other.forward_backward(batch(0, 1)).result(300)
+                other.optim_step().result(300)
+                moved = time.monotonic() - killed
             for remote in remotes:
                 remote.close()
         finally:
-            server.terminate()
-            server.wait()
+            for server in servers:
+                if server.poll() is None:
+                    server.terminate()
+                    server.wait()
+    return stats, lost, moved
+
+
+def replicated(args: argparse.Namespace) -> None:
+    """The same load against one replica and against ``args.replicas`` of one database."""
+    if not args.database:
+        raise SystemExit("--replicas needs --database postgresql://... (replicas share one database)")
+    one, lost_one, _ = served_by(1, args)
+    many, lost_many, moved = served_by(args.replicas, args, measure_move=True)
+    steps_one = len(one.latency["optim_step"]) / args.seconds
+    steps_many = len(many.latency["optim_step"]) / args.seconds
+    print(f"replicas: {args.replicas} on one database, {args.clients} clients, {os.cpu_count()} cores")
+    print(
+        f"steps/s: 1 replica {steps_one:.2f}, {args.replicas} replicas {steps_many:.2f} ({steps_many / steps_one:.2f}x)"
+    )
+    for op in OPS:
+        a, b = pct(one.latency[op], 0.5) * 1000, pct(many.latency[op], 0.5) * 1000
+        print(f"{op:<17} p50 1 replica {a:7.1f} ms, {args.replicas} replicas {b:7.1f} ms ({b - a:+.1f} ms)")
+    print(f"errors: {len(one.errors)} / {len(many.errors)}; lost steps: {lost_one} / {lost_many}")
+    for error in sorted(set(one.errors + many.errors))[:5]:
+        print(f"  {error}")
+    print(f"session moved to a surviving replica {moved:.1f} s after kill -9 (lease {LEASE_S:g} s)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--replicas", type=int, default=1, help="Replicas of one PostgreSQL database.")
+    parser.add_argument("--database", help="PostgreSQL URL for --replicas (a database of the benchmark's own).")
+    args = parser.parse_args()
+
+    if args.replicas > 1:
+        replicated(args)
+        return
+    local = TenSafeClient()
+    baseline, baseline_lost = load([local] * args.clients, args.seconds)
+    local.close()
+
+    served, served_lost, _ = served_by(1, args)
 
     print(f"server load: {args.clients} clients x {args.seconds:g} s, tiny torch model, DP-SGD, loopback")
     print(f"{'call':<17}{'in-process p50':>15}{'p99':>9}{'server p50':>12}{'p99':>9}{'added p50':>11}{'n':>7}")

@@ -267,3 +267,24 @@ def test_a_session_reports_what_its_certificate_states(api: Api) -> None:
     assert privacy["target_epsilon"] == 50.0 and "declared by the caller" in privacy["sampling"]
     assert privacy["randomness"] == RANDOMNESS_SEEDED and privacy["reproducible_noise"] is True
     assert set(CALLER_DUTIES) == set(privacy["caller_duties"]) and privacy["outside_guarantee"]
+
+
+def test_sessions_of_one_tenant_commit_steps_at_the_same_time(api: Api) -> None:
+    """Each step's commit inserts rows referencing the tenant and appends to its one audit chain: on
+    PostgreSQL, concurrent commits of one tenant must queue, not deadlock."""
+    import threading
+
+    sessions = [create_session(api) for _ in range(3)]
+    outcomes: list[str] = []
+
+    def drive(session_id: str) -> None:
+        for n in range(1, 7):
+            outcomes.append(step(api, session_id, n)["status"])
+
+    threads = [threading.Thread(target=drive, args=(s,)) for s in sessions]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert outcomes == ["completed"] * 18
+    assert api.http.get("/api/v1/audit/verify", headers=api.headers("alice")).json()["ok"] is True

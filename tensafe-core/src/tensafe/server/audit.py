@@ -67,7 +67,11 @@ def append(
     epsilon: float | None = None,
 ) -> AuditRow:
     """Add a record to the tenant's chain inside the caller's transaction (the tenant row is locked)."""
-    tenant = db.execute(select(Tenant).where(Tenant.id == tenant_id).with_for_update()).scalar_one()
+    # FOR NO KEY UPDATE: appends to one chain queue behind each other, but not behind the key-share
+    # locks that rows referencing the tenant take (another session's state or future inserted in the
+    # same kind of transaction), which FOR UPDATE would turn into deadlocks on PostgreSQL.
+    query = select(Tenant).where(Tenant.id == tenant_id).with_for_update(key_share=True)
+    tenant = db.execute(query).scalar_one()
     row = AuditRow(
         tenant_id=tenant_id,
         seq=tenant.audit_seq + 1,
