@@ -28,6 +28,8 @@ PLUGIN_TESTS = {
 }
 #: Local distributions a plugin depends on (installed from the tree, not from an index).
 LOCAL_DEPENDENCIES = {"tensafe-torch": ["./tensafe-privacy"]}
+#: Local distributions a plugin's tests need beside it (`tensafe he pack` packs through the TGSP loader).
+TEST_DEPENDENCIES = {"tensafe-he-seal": ["./tensafe-tgsp"]}
 #: Installed first: the CPU build of torch, so that no multi-GB CUDA build is pulled in.
 PREINSTALL = {"tensafe-torch": ["torch==2.13.0"]}
 #: Distributions whose dependencies include Pyfhel, which installs from the cached wheel (see _install_pyfhel).
@@ -117,6 +119,7 @@ def plugin(session: nox.Session, dist: str) -> None:
     session.install(
         "./tensafe-core[testing]",
         *LOCAL_DEPENDENCIES.get(dist, []),
+        *TEST_DEPENDENCIES.get(dist, []),
         f"./{dist}",
         f"./{THIRD_PARTY_PLUGIN}",
         *TEST_TOOLS,
