@@ -53,7 +53,16 @@ def test_a_post_without_an_idempotency_key_is_not_resent_after_a_lost_answer(liv
 
 def test_retry_after_is_honoured_and_capped(live_server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
     slept: list[float] = []
-    monkeypatch.setattr("tensafe.sdk.doors.time.sleep", slept.append)
+    real_sleep = time.sleep
+
+    def sleep(seconds: float) -> None:
+        # time.sleep is process-wide: other short waits (polls) still sleep; the SDK's long ones are recorded.
+        if seconds >= 0.9:
+            slept.append(seconds)
+        else:
+            real_sleep(seconds)
+
+    monkeypatch.setattr("tensafe.sdk.doors.time.sleep", sleep)
     transport = RetryAfterTransport(busy=2, retry_after="1")
     with remote(live_server, transport=transport) as client:
         client.create_training_session(bigram_config(), sampling_rate=0.01, dataset_size=400)
