@@ -100,6 +100,8 @@ class Handoff:
                 if row.status == "failed" and row.error is not None:
                     error = json.loads(row.error)
                     raise error_from(error, retryable=bool(error.get("retryable")))
+            if self._thread is None:
+                self.take()  # no dispatcher here (not `tensafe serve`): take the session over once its lease expires
             time.sleep(pause)
             pause = min(pause * 1.5, 0.25)
         raise OperationFailed(f"session {session_id} did not answer within {CALL_TIMEOUT_S:g} s", retryable=True)

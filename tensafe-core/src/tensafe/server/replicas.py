@@ -24,7 +24,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from tensafe.errors import OperationFailed
@@ -126,6 +126,18 @@ class Leases:
         for session_id in lost:
             self.forget(session_id)
         return lost
+
+    def release(self, db: Session) -> None:
+        """Give up every lease this replica holds (a clean shutdown): another replica may take them at once."""
+        held = self.held()
+        if held:
+            db.execute(
+                update(SessionLease)
+                .where(SessionLease.owner == self.replica, SessionLease.session_id.in_(held))
+                .values(expires=0.0)
+            )
+        with self._lock:
+            self._held.clear()
 
     def forget(self, session_id: str) -> None:
         with self._lock:

@@ -15,6 +15,7 @@ batch itself only through a digest keyed with the audit key.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -218,6 +219,8 @@ class SessionService:
         for live in list(self._live.values()):
             live.worker.shutdown(wait=True)
         self._live.clear()
+        with contextlib.suppress(Exception), self.db() as db:  # a database already gone has nothing to release
+            self.leases.release(db)
         self.engine.dispose()
 
     @contextmanager
