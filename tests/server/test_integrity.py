@@ -107,7 +107,7 @@ def test_an_existing_data_directory_is_adopted_once_at_its_first_start(
         tenant_id = row.tenant_id
         assert upgraded.info(tenant_id, session_id).step == 1
         assert upgraded.future(tenant_id, done["future_id"]).result == done["result"]
-        assert upgraded.verify_audit(tenant_id).ok
+        assert upgraded.chains.verify(tenant_id).ok
         with upgraded.db() as db:
             row = db.get(SessionRow, session_id)
             assert row is not None

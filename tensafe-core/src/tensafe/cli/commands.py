@@ -698,7 +698,7 @@ def audit_verify(
     receipts = [_read_receipt(path) for path in receipt_files]
     service = _service(ctx, data_dir, database, master_key_file)
     try:
-        results = service.verify_all(receipts)
+        results = service.chains.verify_all(receipts)
     finally:
         service.close()
     if as_json:

@@ -333,7 +333,7 @@ def create_app(
 
     @app.get(f"{PREFIX}/packages/{{artifact_id}}", tags=["training"])
     def package(artifact_id: str, tenant_id: Tenant) -> Response:
-        return Response(service.package_bytes(tenant_id, artifact_id), media_type="application/octet-stream")
+        return Response(service.tgsp.package_bytes(tenant_id, artifact_id), media_type="application/octet-stream")
 
     @app.post(f"{PREFIX}/packages", tags=["packages"], status_code=201)
     async def upload_package(request: Request, tenant_id: Tenant, name: UploadName = "") -> ExportedPackage:
@@ -343,12 +343,12 @@ def create_app(
         with service.tgsp.workspace() as directory:
             allowed = await run_in_threadpool(guard.upload_allowance, tenant_id, MAX_PACKAGE_BYTES)
             path = await receive(request, directory / "upload.tgsp", allowed)
-            return await run_in_threadpool(service.upload_package, tenant_id, path, name)
+            return await run_in_threadpool(service.tgsp.upload, tenant_id, path, name)
 
     @app.get(f"{PREFIX}/keys", tags=["packages"])
     def tenant_keys(tenant_id: Tenant) -> TenantKeys:
         """The public halves of the TGSP keys the server holds for you."""
-        return service.tenant_keys(tenant_id)
+        return service.tgsp.public(tenant_id)
 
     @app.post(f"{PREFIX}/datasets", tags=["training"], status_code=201)
     async def upload_dataset(request: Request, tenant_id: Tenant, name: UploadName = "") -> DatasetInfo:
@@ -374,7 +374,7 @@ def create_app(
 
         def make() -> SessionInfo:
             guard.check_sessions(tenant_id)
-            return service.create_inference(tenant_id, body)
+            return service.inference.create(tenant_id, body)
 
         request = f"inference {body.model_dump_json()}"
         return await creations.create(tenant_id, idempotency_key, request, make, lambda s: service.info(tenant_id, s))
@@ -388,7 +388,7 @@ def create_app(
 
     @app.post(f"{PREFIX}/inference/{{session_id}}/generate", tags=["inference"])
     def generate(session_id: str, body: SampleRequest, tenant_id: Tenant) -> SampleResult:
-        return service.generate(tenant_id, session_id, body)
+        return service.inference.generate(tenant_id, session_id, body)
 
     # -- audit ----------------------------------------------------------------
 
@@ -398,17 +398,17 @@ def create_app(
         after: Annotated[int, Query(ge=0, le=INT64_MAX)] = 0,
         limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
     ) -> list[AuditRecordInfo]:
-        return service.audit_records(tenant_id, limit=limit, after=after)
+        return service.chains.records(tenant_id, limit=limit, after=after)
 
     @app.get(f"{PREFIX}/audit/receipt", tags=["audit"])
     def audit_receipt(tenant_id: Tenant) -> AuditReceipt:
         """A receipt, signed by the server, for your audit chain as it stands now. Keep it: `tensafe audit
         verify --receipt` then fails if the chain is ever cut or rewritten below that point."""
-        return service.audit_receipt(tenant_id)
+        return service.chains.receipt(tenant_id)
 
     @app.get(f"{PREFIX}/audit/verify", tags=["audit"])
     def audit_verify(tenant_id: Tenant) -> AuditVerification:
-        return service.verify_audit(tenant_id)
+        return service.chains.verify(tenant_id)
 
     app.add_middleware(BodyLimit, limit=max_body_bytes, exempt=UPLOAD_PATHS)
     app.add_middleware(RequestMetrics, metrics=metrics)

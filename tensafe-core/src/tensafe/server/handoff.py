@@ -27,10 +27,12 @@ from tensafe.errors import OperationFailed
 from tensafe.server.crypto import open_text, seal_text
 from tensafe.server.db import FutureRow, SessionLease, WorkItem
 from tensafe.server.operations import SYNCHRONOUS
+from tensafe.server.queued import QUEUED_REQUESTS
 from tensafe.server.replicas import POLL_SECONDS
 
 if TYPE_CHECKING:
-    from tensafe.server.service import Queued, SessionService, _Live
+    from tensafe.server.queued import Queued, _Live
+    from tensafe.server.service import SessionService
 
 #: How long a synchronous call handed to another replica may take.
 CALL_TIMEOUT_S = 600.0
@@ -188,8 +190,6 @@ class Handoff:
 
     def _run(self, live: _Live, tenant_id: str, session_id: str, future_id: str, operation: str, sealed: str) -> None:
         """Run one handed item on the session's worker, and complete its future row."""
-        from tensafe.server.service import QUEUED_REQUESTS
-
         service = self.service
         try:
             with service.db() as db:

@@ -28,7 +28,8 @@ from tensafe.server import audit
 from tensafe.server.crypto import open_meta
 
 if TYPE_CHECKING:
-    from tensafe.server.service import SessionService, _Live
+    from tensafe.server.queued import _Live
+    from tensafe.server.service import SessionService
     from tensafe.sessions import TrainingSessionCore
 
 

@@ -16,17 +16,12 @@ batch itself only through a digest keyed with the audit key.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import hmac
 import json
 import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,18 +30,13 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from tensafe.api import (
-    AuditReceipt,
-    AuditRecordInfo,
-    AuditVerification,
     DatasetInfo,
     ErrorInfo,
     ExportedPackage,
     ExportRequest,
-    ForwardBackwardRequest,
     FutureInfo,
     LoadStateRequest,
     ModelInfo,
-    OptimStepRequest,
     PrivacySpent,
     RemoteInferenceSessionCreate,
     RemoteTrainingSessionCreate,
@@ -55,13 +45,12 @@ from tensafe.api import (
     SavedState,
     SaveStateRequest,
     SessionInfo,
-    TenantKeys,
     TrainingSessionCreate,
-    TrainStepRequest,
 )
-from tensafe.errors import NotFound, OperationFailed, TensafeError, UsageError
+from tensafe.errors import NotFound, OperationFailed
 from tensafe.plugins import TensafePluginManager, create_plugin_manager
 from tensafe.server import audit
+from tensafe.server.audit_chains import AuditChains
 from tensafe.server.crypto import (
     KeyRing,
     load_master_key,
@@ -70,10 +59,21 @@ from tensafe.server.crypto import (
     seal_text,
     sign_meta,
 )
-from tensafe.server.db import DB_FILE, ArtifactRow, AuditRow, FutureRow, SessionRow, Tenant, database_url, open_database
+from tensafe.server.db import DB_FILE, ArtifactRow, FutureRow, SessionRow, Tenant, database_url, open_database
 from tensafe.server.handoff import Handoff
+from tensafe.server.inference_sessions import InferenceSessions
 from tensafe.server.models import ModelRegistry
 from tensafe.server.operations import SYNCHRONOUS
+from tensafe.server.queued import (
+    QUEUED_REQUESTS,
+    Queued,
+    _audited,
+    _error,
+    _execute,
+    _Live,
+    _new_id,
+    _operation,
+)
 from tensafe.server.receipts import ReceiptSigner
 from tensafe.server.recovery import recover, recover_session
 from tensafe.server.replicas import LEASE_SECONDS, LeaseLost, Leases
@@ -81,101 +81,13 @@ from tensafe.server.storage import ArtifactStore
 from tensafe.server.tenant_keys import TenantKeyring, scratch_dir
 from tensafe.server.uploads import parse_dataset
 from tensafe.server.waits import FutureWaits
-from tensafe.sessions import InferenceSessionCore, TrainingSessionCore
+from tensafe.sessions import TrainingSessionCore
 
 T = TypeVar("T")
 #: How long one status request may wait for a future to finish.
 MAX_WAIT_S = 30.0
 #: Queued operations one session may hold before new ones are refused (429).
 MAX_PENDING = 256
-
-
-def _new_id() -> str:
-    return uuid.uuid4().hex
-
-
-Queued = ForwardBackwardRequest | OptimStepRequest | TrainStepRequest
-#: The operations a tenant queues and polls as futures, by name.
-QUEUED_REQUESTS: dict[str, type[Queued]] = {
-    "forward_backward": ForwardBackwardRequest,
-    "optim_step": OptimStepRequest,
-    "train_step": TrainStepRequest,
-}
-
-
-def _operation(request: Queued) -> str:
-    if isinstance(request, ForwardBackwardRequest):
-        return "forward_backward"
-    return "optim_step" if isinstance(request, OptimStepRequest) else "train_step"
-
-
-def _execute(core: TrainingSessionCore, request: Queued) -> dict[str, Any]:
-    """Run a queued operation on its session; the result as the caller gets it."""
-    if isinstance(request, ForwardBackwardRequest):
-        return core.forward_backward(request.data, request.loss_fn, request.loss_fn_config).model_dump()
-    if isinstance(request, OptimStepRequest):
-        return core.optim_step(request.adam_params).model_dump()
-    return core.train_step(request.adam_params).model_dump()
-
-
-def _audited(
-    core: TrainingSessionCore, request: Queued, result: dict[str, Any], key: bytes
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The request and result a queued operation's audit record covers.
-
-    Without DP, the operation as it ran. Under DP no loss, logprob or batch
-    size: a step's result is its step number (epsilon has its own field), and
-    the caller's batch appears only as an HMAC under the audit key: the key
-    holder can tell whether a given batch is the one recorded, nobody else can.
-    """
-    if core.privacy is None:
-        return request.model_dump(mode="json"), result
-    if not isinstance(request, ForwardBackwardRequest):
-        return request.model_dump(mode="json"), {"step": core.step}
-    canonical = json.dumps(
-        [d.model_dump(mode="json") for d in request.data], sort_keys=True, separators=(",", ":")
-    ).encode()
-    keyed = hmac.new(key, b"tensafe audit: batch\x00" + canonical, hashlib.sha256).hexdigest()
-    return {"data_hmac": keyed, "loss_fn": request.loss_fn, "loss_fn_config": request.loss_fn_config}, {}
-
-
-def _error(exc: BaseException) -> ErrorInfo:
-    if isinstance(exc, TensafeError):
-        data = exc.to_dict()
-        retryable = bool(data.pop("retryable", False))
-        return ErrorInfo(error=data.pop("error"), message=data.pop("message"), retryable=retryable, details=data)
-    return ErrorInfo(error="internal_error", message=f"{type(exc).__name__}: {exc}", retryable=False)
-
-
-#: Largest audit sequence number the database column holds (a 32-bit integer).
-AUDIT_SEQ_MAX = 2**31 - 1
-
-
-@dataclass
-class _Live:
-    """A session loaded in this process, with the worker that runs its operations in order."""
-
-    tenant_id: str
-    kind: str
-    core: Any
-    worker: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(max_workers=1))
-    pending: int = 0
-    #: The lease token the session was loaded under (training sessions; see tensafe.server.replicas).
-    token: int | None = None
-    #: The step of the state last committed from this copy: a commit expects to find it stored.
-    committed_step: int = 0
-    #: Set when this copy was dropped: it must never commit again.
-    evicted: bool = False
-    #: Operations accepted but not yet handed to the worker, in submission order (see ``submit(defer=...)``).
-    unstarted: list[Callable[[], Any]] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def start(self) -> None:
-        """Hand every accepted operation to the worker, oldest first."""
-        with self.lock:
-            ready, self.unstarted = self.unstarted, []
-            for work in ready:
-                self.worker.submit(work)
 
 
 class SessionService:
@@ -211,6 +123,9 @@ class SessionService:
         self.models = models if models is not None else ModelRegistry.embedded()
         self.scratch = scratch_dir(data_dir)
         self.tgsp = TenantKeyring(self, self.scratch, trusted_signers)
+        #: Each tenant's audit chain: its records, verification and signed receipts.
+        self.chains = AuditChains(self)
+        self.inference = InferenceSessions(self)
         self.leases = Leases(lease_seconds, exclusive=database is None)
         self.handoff = Handoff(self)
 
@@ -358,7 +273,7 @@ class SessionService:
         """A session's core from its stored spec and its last committed state."""
         if row.kind == "inference":
             spec = RemoteInferenceSessionCreate.model_validate_json(row.spec)
-            return self._inference_core(db, row.tenant_id, row.id, spec)
+            return self.inference.core(db, row.tenant_id, row.id, spec)
         core = self._training_core(db, row.tenant_id, row.id, RemoteTrainingSessionCreate.model_validate_json(row.spec))
         if row.state_artifact is not None:
             _, state = self._artifact(db, row.tenant_id, row.state_artifact, "session")
@@ -665,41 +580,6 @@ class SessionService:
         handler = SYNCHRONOUS[operation][2]
         return self._on_worker(live, lambda: handler(self, live, session_id, request))
 
-    def package_bytes(self, tenant_id: str, artifact_id: str) -> bytes:
-        """A TGSP package the tenant exported (itself signed and encrypted to its recipients)."""
-        with self.db() as db:
-            return self._artifact(db, tenant_id, artifact_id, "tgsp")[1]
-
-    def tenant_keys(self, tenant_id: str) -> TenantKeys:
-        """The public halves of the tenant's server-held TGSP keys."""
-        return self.tgsp.public(tenant_id)
-
-    def upload_package(self, tenant_id: str, package: Path, name: str = "") -> ExportedPackage:
-        """Store an uploaded TGSP package once it verifies as the server would open it (see TenantKeyring)."""
-        manifest = self.tgsp.check_package(tenant_id, package, self._base_model_id(None))
-        data = package.read_bytes()
-        with self.db() as db:
-            package_id = manifest.get("package_id")
-            meta = {"package_id": package_id, "uploaded": True}
-            artifact_id = self.store_artifact(db, tenant_id, "tgsp", data, name, meta)
-            uploaded = ExportedPackage(artifact_id=artifact_id, package_id=str(package_id), step=0)
-            audit.append(
-                db,
-                self.keyring.audit_key,
-                tenant_id,
-                "package.upload",
-                artifact_id,
-                {"name": name, "sha256": hashlib.sha256(data).hexdigest()},
-                uploaded.model_dump(),
-            )
-        return uploaded
-
-    def _base_model_id(self, name: str | None) -> str:
-        from tensafe.engine.packaging import EMBEDDED_MODEL_ID
-
-        path = self.models.resolve(name)
-        return EMBEDDED_MODEL_ID if path is None else str(path)
-
     def upload_dataset(self, tenant_id: str, data: bytes, name: str = "") -> DatasetInfo:
         """Store a JSONL dataset, sealed under the tenant key, for sessions the server samples."""
         records = parse_dataset(data)
@@ -715,103 +595,3 @@ class SessionService:
                 {"records": len(records)},
             )
         return DatasetInfo(dataset_id=dataset_id, records=len(records), name=name)
-
-    # -- inference sessions ------------------------------------------------------
-
-    def _inference_core(
-        self, db: Session, tenant_id: str, session_id: str, spec: RemoteInferenceSessionCreate
-    ) -> InferenceSessionCore:
-        config = self.models.run_config(spec.config, self.scratch)
-        if spec.adapter_artifact_id is None:
-            return InferenceSessionCore(config, session_id, plugin_manager=self.pm)
-        _, package = self._artifact(db, tenant_id, spec.adapter_artifact_id, "tgsp")
-        with self.tgsp.workspace() as directory, self.tgsp.files(tenant_id, directory) as keys:
-            path = directory / "adapter.tgsp"
-            path.write_bytes(package)
-            config = config.model_copy(update={"tgsp": self.tgsp.open_settings(keys)})
-            try:
-                return InferenceSessionCore(config, session_id, adapter=path, plugin_manager=self.pm)
-            except TensafeError as exc:
-                if isinstance(exc, NotFound):
-                    raise
-                raise UsageError(f"the package cannot be served: {exc}") from None
-
-    def create_inference(self, tenant_id: str, spec: RemoteInferenceSessionCreate) -> SessionInfo:
-        session_id = _new_id()
-        with self.db() as db:
-            core = self._inference_core(db, tenant_id, session_id, spec)
-            row = SessionRow(
-                id=session_id, tenant_id=tenant_id, kind="inference", spec=spec.model_dump_json(), created=time.time()
-            )
-            db.add(row)
-            audit.append(
-                db,
-                self.keyring.audit_key,
-                tenant_id,
-                "inference.create",
-                session_id,
-                spec.model_dump(mode="json"),
-                {},
-            )
-        self._live[session_id] = _Live(tenant_id, "inference", core)
-        return self._info(row)
-
-    def generate(self, tenant_id: str, session_id: str, request: SampleRequest) -> SampleResult:
-        live = self._live_session(tenant_id, session_id, "inference")
-        assert live is not None  # every replica serves inference sessions itself
-        core: InferenceSessionCore = live.core
-        responses = self._on_worker(
-            live, lambda: core.generate(request.prompts, request.sampling_params, request.num_samples)
-        )
-        return SampleResult(responses=responses)
-
-    # -- audit --------------------------------------------------------------------
-
-    def audit_records(self, tenant_id: str, limit: int = 1000, after: int = 0) -> list[AuditRecordInfo]:
-        if after >= AUDIT_SEQ_MAX:
-            return []  # no record lies past the sequence column's range (PostgreSQL would refuse the query)
-        with self.db() as db:
-            rows = db.execute(
-                select(AuditRow)
-                .where(AuditRow.tenant_id == tenant_id, AuditRow.seq > after)
-                .order_by(AuditRow.seq)
-                .limit(limit)
-            ).scalars()
-            return [AuditRecordInfo.model_validate(row, from_attributes=True) for row in rows]
-
-    def verify_audit(self, tenant_id: str) -> AuditVerification:
-        with self.db() as db:
-            return audit.verify(db, self.keyring.audit_key, tenant_id, self.heads)
-
-    def audit_receipt(self, tenant_id: str) -> AuditReceipt:
-        """A signed receipt for the tenant's chain as it stands (its last record's number and hash)."""
-        with self.db() as db:
-            tenant = db.get(Tenant, tenant_id)
-            if tenant is None:
-                raise NotFound("no such tenant")
-            return self.receipts.issue(tenant_id, tenant.audit_seq, tenant.audit_head)
-
-    def verify_all(self, receipts: Sequence[AuditReceipt] = ()) -> dict[str, AuditVerification]:
-        """Every tenant's chain, by tenant name (for ``tensafe audit verify``), checked against ``receipts``.
-
-        A tenant the head file or a receipt knows but the database does not
-        was deleted from it, records and all: it is reported under its id.
-        """
-        by_tenant: dict[str, list[AuditReceipt]] = {}
-        for receipt in receipts:
-            by_tenant.setdefault(receipt.tenant_id, []).append(receipt)
-        key = self.keyring.audit_key
-        with self.db() as db:
-            tenants = db.execute(select(Tenant.id, Tenant.name).order_by(Tenant.name)).all()
-            results = {
-                name: audit.verify(db, key, tid, self.heads, by_tenant.get(tid, ()), self.receipts)
-                for tid, name in tenants
-            }
-        gone = "this tenant's chain is recorded outside the database but the database no longer has the tenant"
-        known = {tid for tid, _ in tenants}
-        for tenant_id in sorted((set(self.heads.read()) | set(by_tenant)) - known - {""}):
-            problems = [gone]
-            for receipt in by_tenant.get(tenant_id, ()):
-                problems.append(self.receipts.problem(receipt) or f"a signed receipt shows record {receipt.seq}")
-            results[f"tenant {tenant_id}"] = AuditVerification(ok=False, records=0, problems=problems)
-        return results

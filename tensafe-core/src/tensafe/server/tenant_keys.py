@@ -14,6 +14,7 @@ what a crash left there is removed when ``tensafe serve`` next starts.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
@@ -27,10 +28,11 @@ from typing import TYPE_CHECKING
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from tensafe.api import TenantKeys
+from tensafe.api import ExportedPackage, TenantKeys
 from tensafe.capabilities import TGSP_KEYGEN, has
 from tensafe.config import TGSPConfig
 from tensafe.errors import TensafeError, UsageError
+from tensafe.server import audit
 from tensafe.server.db import ArtifactRow
 
 if TYPE_CHECKING:
@@ -180,3 +182,34 @@ class TenantKeyring:
             except TensafeError as exc:
                 raise UsageError(f"package refused: {exc}") from None
         return manifest
+
+    def package_bytes(self, tenant_id: str, artifact_id: str) -> bytes:
+        """A TGSP package the tenant exported (itself signed and encrypted to its recipients)."""
+        with self.service.db() as db:
+            return self.service._artifact(db, tenant_id, artifact_id, "tgsp")[1]
+
+    def upload(self, tenant_id: str, package: Path, name: str = "") -> ExportedPackage:
+        """Store an uploaded TGSP package once it verifies as the server would open it (see :meth:`check_package`)."""
+        manifest = self.check_package(tenant_id, package, self._base_model_id(None))
+        data = package.read_bytes()
+        with self.service.db() as db:
+            package_id = manifest.get("package_id")
+            meta = {"package_id": package_id, "uploaded": True}
+            artifact_id = self.service.store_artifact(db, tenant_id, "tgsp", data, name, meta)
+            uploaded = ExportedPackage(artifact_id=artifact_id, package_id=str(package_id), step=0)
+            audit.append(
+                db,
+                self.service.keyring.audit_key,
+                tenant_id,
+                "package.upload",
+                artifact_id,
+                {"name": name, "sha256": hashlib.sha256(data).hexdigest()},
+                uploaded.model_dump(),
+            )
+        return uploaded
+
+    def _base_model_id(self, name: str | None) -> str:
+        from tensafe.engine.packaging import EMBEDDED_MODEL_ID
+
+        path = self.service.models.resolve(name)
+        return EMBEDDED_MODEL_ID if path is None else str(path)
