@@ -14,9 +14,13 @@ from typing import Any
 import click
 
 from tensafe import __version__
-from tensafe.cli import commands
+from tensafe.cli.commands import plugins_cmd, run_cmd, train_cmd
 from tensafe.cli.context import plugin_manager
+from tensafe.cli.inference_cmd import inference_cmd
+from tensafe.cli.server_cmds import audit_cmd, db_cmd, keys_cmd, serve_cmd
 from tensafe.errors import TensafeError
+
+CORE_COMMANDS = (plugins_cmd, run_cmd, train_cmd, inference_cmd, serve_cmd, keys_cmd, audit_cmd, db_cmd)
 
 
 class TensafeGroup(click.Group):
@@ -94,7 +98,7 @@ def cli() -> None:
     """
 
 
-for _command in commands.CORE_COMMANDS:
+for _command in CORE_COMMANDS:
     cli.add_command(_command)
 
 
