@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from tensafe.sdk import OperationFailed, TenSafeClient
-from tensafe.sdk.doors import RemoteDoor
+from tensafe.sdk.transports import HTTPTransport
 from tests.mocks.flaky import FlakyTransport
 from tests.mocks.retry_after import RetryAfterTransport
 from tests.serving import LiveServer, batch, bigram_config, create_key, free_port
@@ -62,7 +62,7 @@ def test_retry_after_is_honoured_and_capped(live_server: LiveServer, monkeypatch
         else:
             real_sleep(seconds)
 
-    monkeypatch.setattr("tensafe.sdk.doors.time.sleep", sleep)
+    monkeypatch.setattr("tensafe.sdk.transports.time.sleep", sleep)
     transport = RetryAfterTransport(busy=2, retry_after="1")
     with remote(live_server, transport=transport) as client:
         client.create_training_session(bigram_config(), sampling_rate=0.01, dataset_size=400)
@@ -70,7 +70,7 @@ def test_retry_after_is_honoured_and_capped(live_server: LiveServer, monkeypatch
         slept.clear()
         transport.busy, transport.retry_after = 1, "3600"
         client.models()
-        assert slept == [30.0]  # RemoteDoor(max_retry_after=30.0)
+        assert slept == [30.0]  # HTTPTransport(max_retry_after=30.0)
 
 
 def test_a_refusal_the_server_says_waiting_will_not_cure_is_not_retried() -> None:
@@ -80,9 +80,9 @@ def test_a_refusal_the_server_says_waiting_will_not_cure_is_not_retried() -> Non
         calls.append(request.method)
         return httpx.Response(429, json={"error": "quota_exceeded", "message": "limit 1", "retryable": False})
 
-    door = RemoteDoor("http://tensafe.invalid", "tsk_a_b", transport=httpx.MockTransport(answer))
+    transport = HTTPTransport("http://tensafe.invalid", "tsk_a_b", transport=httpx.MockTransport(answer))
     with pytest.raises(OperationFailed, match="limit 1") as caught:
-        door.models()
+        transport.models()
     assert calls == ["GET"] and caught.value.code == "quota_exceeded"
 
 

@@ -34,8 +34,8 @@ from tensafe.api import (
 )
 from tensafe.config import RunConfig
 from tensafe.errors import NotFound, UsageError
-from tensafe.sdk.doors import LocalDoor, RemoteDoor
 from tensafe.sdk.futures import APIFuture
+from tensafe.sdk.transports import HTTPTransport, InProcessTransport, Transport
 from tensafe.types import (
     AdamParams,
     Datum,
@@ -66,8 +66,8 @@ class TrainingSession:
     session runs its operations in the order they were submitted.
     """
 
-    def __init__(self, door: LocalDoor | RemoteDoor, info: SessionInfo) -> None:
-        self._door = door
+    def __init__(self, transport: Transport, info: SessionInfo) -> None:
+        self._transport = transport
         self.session_id = info.session_id
 
     def forward_backward(
@@ -78,7 +78,7 @@ class TrainingSession:
     ) -> APIFuture[ForwardBackwardOutput]:
         """Compute the loss and accumulate gradients for the next :meth:`optim_step`."""
         request = ForwardBackwardRequest(data=list(data), loss_fn=loss_fn, loss_fn_config=loss_fn_config)
-        return _Typed(self._door.submit(self.session_id, request), ForwardBackwardOutput.model_validate)
+        return _Typed(self._transport.submit(self.session_id, request), ForwardBackwardOutput.model_validate)
 
     def optim_step(self, adam_params: AdamParams | None = None) -> APIFuture[OptimStepResponse]:
         """Apply the gradients; the result's metrics carry the epsilon spent so far.
@@ -90,7 +90,7 @@ class TrainingSession:
         (and changes nothing) if the step would take the session past its budget.
         """
         request = OptimStepRequest(adam_params=adam_params)
-        return _Typed(self._door.submit(self.session_id, request), OptimStepResponse.model_validate)
+        return _Typed(self._transport.submit(self.session_id, request), OptimStepResponse.model_validate)
 
     def train_step(self, adam_params: AdamParams | None = None) -> APIFuture[OptimStepResponse]:
         """One step on a batch the session Poisson-samples from its dataset (sessions made with ``dataset=``).
@@ -100,25 +100,25 @@ class TrainingSession:
         sampled by the server (or by this process), with no duties left to you.
         """
         request = TrainStepRequest(adam_params=adam_params)
-        return _Typed(self._door.submit(self.session_id, request), OptimStepResponse.model_validate)
+        return _Typed(self._transport.submit(self.session_id, request), OptimStepResponse.model_validate)
 
     def sample(
         self, prompts: Sequence[str], sampling_params: SamplingParams | None = None, num_samples: int = 1
     ) -> list[SampleResponse]:
         """Generate from text prompts with the adapter as it is after every operation submitted so far."""
         request = SampleRequest(prompts=list(prompts), sampling_params=sampling_params, num_samples=num_samples)
-        return self._door.sample(self.session_id, request).responses
+        return self._transport.sample(self.session_id, request).responses
 
     def save_state(self, name: str | None = None) -> SavedState:
         """Save adapter, optimizer and privacy spend together."""
-        return self._door.save_state(self.session_id, name)
+        return self._transport.save_state(self.session_id, name)
 
     def load_state(self, state: SavedState | str) -> SessionInfo:
         """Restore a saved state's weights; the privacy spent never goes down."""
-        return self._door.load_state(self.session_id, state if isinstance(state, str) else state.state_id)
+        return self._transport.load_state(self.session_id, state if isinstance(state, str) else state.state_id)
 
     def info(self) -> SessionInfo:
-        return self._door.info(self.session_id)
+        return self._transport.info(self.session_id)
 
     def privacy_spent(self) -> PrivacySpent | None:
         """Epsilon, delta and what they assume (sampling, randomness, privacy unit, your duties);
@@ -134,21 +134,21 @@ class TrainingSession:
         ``recipients`` (public key files): add your own to open it elsewhere.
         """
         texts = [_key_text(Path(p)) for p in recipients]
-        return self._door.export_tgsp(self.session_id, Path(path), texts)
+        return self._transport.export_tgsp(self.session_id, Path(path), texts)
 
 
 class InferenceSession:
     """Generation from a base model, or from a base model with a verified TGSP adapter."""
 
-    def __init__(self, door: LocalDoor | RemoteDoor, info: SessionInfo) -> None:
-        self._door = door
+    def __init__(self, transport: Transport, info: SessionInfo) -> None:
+        self._transport = transport
         self.session_id = info.session_id
 
     def generate(
         self, prompts: Sequence[str], sampling_params: SamplingParams | None = None, num_samples: int = 1
     ) -> list[SampleResponse]:
         request = SampleRequest(prompts=list(prompts), sampling_params=sampling_params, num_samples=num_samples)
-        return self._door.generate(self.session_id, request).responses
+        return self._transport.generate(self.session_id, request).responses
 
     sample = generate
 
@@ -169,15 +169,17 @@ class TenSafeClient:
         if base_url is None:
             if api_key is not None:
                 raise UsageError("an API key needs a server: TenSafeClient(base_url, api_key)")
-            self._door: LocalDoor | RemoteDoor = LocalDoor(plugin_manager)
+            self._transport: InProcessTransport | HTTPTransport = InProcessTransport(plugin_manager)
         else:
             if not api_key:
                 raise UsageError("a TenSafe server needs an API key: TenSafeClient(base_url, api_key)")
-            self._door = RemoteDoor(base_url, api_key, timeout=timeout, max_retries=max_retries, transport=transport)
+            self._transport = HTTPTransport(
+                base_url, api_key, timeout=timeout, max_retries=max_retries, transport=transport
+            )
 
     @property
     def remote(self) -> bool:
-        return isinstance(self._door, RemoteDoor)
+        return isinstance(self._transport, HTTPTransport)
 
     def create_training_session(
         self,
@@ -200,7 +202,7 @@ class TenSafeClient:
         you draw them at (``sampling_rate``).
         """
         config = config or RunConfig()
-        if isinstance(self._door, RemoteDoor):
+        if isinstance(self._transport, HTTPTransport):
             dataset_id = None
             if dataset is not None:
                 dataset_id = self._dataset_id(dataset)
@@ -210,33 +212,33 @@ class TenSafeClient:
                 dataset_size=dataset_size,
                 dataset_id=dataset_id,
             )
-            return TrainingSession(self._door, self._door.create_training(remote))
+            return TrainingSession(self._transport, self._transport.create_training(remote))
         if model is not None:
             config = config.model_copy(update={"model": config.model.model_copy(update={"path": model})})
         if isinstance(dataset, DatasetInfo):
             raise UsageError("an uploaded dataset lives on its server; in-process, pass the JSONL file's path")
         spec = TrainingSessionCreate(config=config, sampling_rate=sampling_rate, dataset_size=dataset_size)
         local = None if dataset is None else Path(dataset)
-        return TrainingSession(self._door, self._door.create_training(spec, local))
+        return TrainingSession(self._transport, self._transport.create_training(spec, local))
 
     def training_session(self, session_id: str) -> TrainingSession:
         """Attach to an existing training session: after this client restarted, or through another replica
         of the same server. Its adapter, optimizer and privacy spend are those last committed."""
-        info = self._door.info(session_id)
+        info = self._transport.info(session_id)
         if info.kind != "training":
             raise NotFound(f"no training session {session_id}")
-        return TrainingSession(self._door, info)
+        return TrainingSession(self._transport, info)
 
     def inference_session(self, session_id: str) -> InferenceSession:
         """Attach to an existing inference session."""
-        info = self._door.info(session_id)
+        info = self._transport.info(session_id)
         if info.kind != "inference":
             raise NotFound(f"no inference session {session_id}")
-        return InferenceSession(self._door, info)
+        return InferenceSession(self._transport, info)
 
     def list_sessions(self) -> list[SessionInfo]:
         """Your sessions, oldest first (on a server: every session of your tenant)."""
-        return self._door.list_sessions()
+        return self._transport.list_sessions()
 
     def _dataset_id(self, dataset: DatasetInfo | str | Path) -> str:
         if isinstance(dataset, DatasetInfo):
@@ -247,14 +249,14 @@ class TenSafeClient:
 
     def upload_dataset(self, path: str | Path, name: str | None = None) -> DatasetInfo:
         """Upload a JSONL dataset to the server (kept encrypted under your tenant key)."""
-        door = self._remote("upload_dataset")
-        return door.upload_dataset(Path(path), name if name is not None else Path(path).name)
+        http = self._remote("upload_dataset")
+        return http.upload_dataset(Path(path), name if name is not None else Path(path).name)
 
     def upload_package(self, path: str | Path, name: str | None = None) -> ExportedPackage:
         """Upload a TGSP package; the server keeps it only if it verifies (signer it trusts, encrypted to
         your tenant's recipient key, :meth:`tenant_keys`). Serve it with ``create_inference_session``."""
-        door = self._remote("upload_package")
-        return door.upload_package(Path(path), name if name is not None else Path(path).name)
+        http = self._remote("upload_package")
+        return http.upload_package(Path(path), name if name is not None else Path(path).name)
 
     def models(self) -> list[ModelInfo]:
         """The server's models, by the names its operator registered."""
@@ -271,10 +273,10 @@ class TenSafeClient:
         the chain was ever cut or rewritten below it, even by someone who rewrote the server's whole disk."""
         return self._remote("audit_receipt").audit_receipt()
 
-    def _remote(self, what: str) -> RemoteDoor:
-        if not isinstance(self._door, RemoteDoor):
+    def _remote(self, what: str) -> HTTPTransport:
+        if not isinstance(self._transport, HTTPTransport):
             raise UsageError(f"{what} is for a TenSafe server: TenSafeClient(base_url, api_key)")
-        return self._door
+        return self._transport
 
     def create_inference_session(
         self,
@@ -287,22 +289,24 @@ class TenSafeClient:
         a path (PEFT directory or .tgsp), remotely a package on the server (exported or uploaded: the
         :class:`ExportedPackage` or its artifact id)."""
         config = config or RunConfig()
-        if isinstance(self._door, RemoteDoor):
+        if isinstance(self._transport, HTTPTransport):
             if isinstance(adapter, Path):
                 raise UsageError("a server opens only packages it holds: upload_package first")
             artifact = adapter.artifact_id if isinstance(adapter, ExportedPackage) else adapter
             remote = RemoteInferenceSessionCreate(
                 config=SessionConfig.from_run_config(config, model), adapter_artifact_id=artifact
             )
-            return InferenceSession(self._door, self._door.create_inference(remote))
+            return InferenceSession(self._transport, self._transport.create_inference(remote))
         if model is not None:
             config = config.model_copy(update={"model": config.model.model_copy(update={"path": model})})
         path = Path(adapter.artifact_id) if isinstance(adapter, ExportedPackage) else adapter
         spec = InferenceSessionCreate(config=config)
-        return InferenceSession(self._door, self._door.create_inference(spec, None if path is None else Path(path)))
+        return InferenceSession(
+            self._transport, self._transport.create_inference(spec, None if path is None else Path(path))
+        )
 
     def close(self) -> None:
-        self._door.close()
+        self._transport.close()
 
     def __enter__(self) -> TenSafeClient:
         return self

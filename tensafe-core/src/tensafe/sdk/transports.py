@@ -1,4 +1,4 @@
-"""The two ways a client reaches sessions: in this process, or over HTTP to ``tensafe serve``.
+"""The SDK's two transports: sessions in this process, or over HTTP on ``tensafe serve``.
 
 Both expose the same calls with the same request and response types
 (:mod:`tensafe.api`) and the same typed errors, so a script behaves the same
@@ -7,16 +7,15 @@ through either.
 
 from __future__ import annotations
 
+import functools
 import random
 import socket
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from tensafe.api import (
     AuditReceipt,
@@ -28,7 +27,6 @@ from tensafe.api import (
     InferenceSessionCreate,
     LoadStateRequest,
     ModelInfo,
-    OptimStepRequest,
     RemoteInferenceSessionCreate,
     RemoteTrainingSessionCreate,
     SampleRequest,
@@ -41,9 +39,10 @@ from tensafe.api import (
     TrainStepRequest,
 )
 from tensafe.data import load_records
-from tensafe.errors import MissingDependencyError, NotFound, OperationFailed, UsageError
+from tensafe.errors import MissingDependencyError, OperationFailed, UsageError
 from tensafe.sdk.errors import error_from
 from tensafe.sdk.futures import APIFuture
+from tensafe.session_manager import LoadedSession, MemorySessionStore, Queued, SessionManager, execute, operation_name
 from tensafe.sessions import InferenceSessionCore, TrainingSessionCore
 
 if TYPE_CHECKING:
@@ -52,7 +51,6 @@ if TYPE_CHECKING:
     from tensafe.plugins import TensafePluginManager
 
 T = TypeVar("T")
-Queued = ForwardBackwardRequest | OptimStepRequest | TrainStepRequest
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 #: Statuses whose Retry-After header the SDK honours.
 RETRY_AFTER_STATUSES = frozenset({429, 503})
@@ -60,94 +58,124 @@ RETRY_AFTER_STATUSES = frozenset({429, 503})
 SAFE_METHODS = frozenset({"GET", "HEAD"})
 
 
-def _run_queued(core: TrainingSessionCore, request: Queued) -> dict[str, Any]:
-    if isinstance(request, ForwardBackwardRequest):
-        return core.forward_backward(request.data, request.loss_fn, request.loss_fn_config).model_dump()
-    if isinstance(request, TrainStepRequest):
-        return core.train_step(request.adam_params).model_dump()
-    return core.optim_step(request.adam_params).model_dump()
+class Transport(Protocol):
+    """What a session of the SDK calls, whichever side of a process boundary the session lives on."""
+
+    def info(self, session_id: str) -> SessionInfo: ...
+
+    def submit(self, session_id: str, request: Queued) -> APIFuture[dict[str, Any]]: ...
+
+    def sample(self, session_id: str, request: SampleRequest) -> SampleResult: ...
+
+    def save_state(self, session_id: str, name: str | None) -> SavedState: ...
+
+    def load_state(self, session_id: str, state_id: str) -> SessionInfo: ...
+
+    def export_tgsp(self, session_id: str, path: Path, recipients: list[str]) -> ExportedPackage: ...
+
+    def generate(self, session_id: str, request: SampleRequest) -> SampleResult: ...
+
+    def list_sessions(self) -> list[SessionInfo]: ...
+
+    def close(self) -> None: ...
 
 
-@dataclass
-class _LocalSession:
-    core: Any
-    created: float = field(default_factory=time.time)
-    worker: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(max_workers=1))
-    pending: int = 0
+class InProcessTransport:
+    """Sessions in this process: the session manager over a memory store.
 
-    def run(self, work: Callable[..., T], *args: Any) -> Future[T]:
-        """Queue ``work(core, *args)`` behind everything submitted before it."""
-        self.pending += 1
-        future = self.worker.submit(work, self.core, *args)
-        future.add_done_callback(self._finished)
-        return future
-
-    def _finished(self, _: Future[Any]) -> None:
-        self.pending -= 1
-
-
-class LocalDoor:
-    """Sessions in this process, each with one worker thread that runs its operations in order."""
+    Each session runs its operations in order on its own worker thread, and
+    every step commits the session's state to the store (compare-and-set on
+    the step) before its future completes, as on a server.
+    """
 
     def __init__(self, plugin_manager: TensafePluginManager | None = None) -> None:
         from tensafe.plugins import create_plugin_manager
 
         self.pm = plugin_manager if plugin_manager is not None else create_plugin_manager()
-        self._sessions: dict[str, _LocalSession] = {}
-        self._states: dict[str, tuple[bytes, dict[str, Any]]] = {}
+        self.store = MemorySessionStore()
+        self.sessions: SessionManager[None] = SessionManager(self.store)
 
-    def _session(self, session_id: str) -> _LocalSession:
-        if session_id not in self._sessions:
-            raise NotFound(f"no session {session_id}")
-        return self._sessions[session_id]
+    def _loaded(self, session_id: str) -> LoadedSession:
+        """The session's live copy, rebuilt from its last committed state if it was evicted."""
+        loaded = self.sessions.get(session_id)
+        if loaded is not None:
+            return loaded
+        with self.sessions.loading:
+            loaded = self.sessions.get(session_id)
+            if loaded is None:
+                loaded = self.sessions.add(session_id, self.store.load(session_id))
+            return loaded
 
-    def _in_order(self, session_id: str, work: Callable[[Any], T]) -> T:
-        return self._session(session_id).run(work).result()
+    def _in_order(self, session_id: str, operation: str, work: Callable[[Any], T], *, changed: bool = False) -> T:
+        loaded = self._loaded(session_id)
+        return self.sessions.call(
+            loaded,
+            lambda: self.sessions.run(session_id, loaded, operation, lambda: work(loaded.core), state_changed=changed),
+        )
+
+    def _create(self, kind: str, rebuild: Callable[[str], Any]) -> SessionInfo:
+        session_id = uuid.uuid4().hex
+        make = functools.partial(rebuild, session_id)
+        loaded = LoadedSession("", kind, make())
+        self.store.create(session_id, kind, make, loaded)
+        self.sessions.add(session_id, loaded)
+        return self.info(session_id)
 
     def create_training(self, spec: TrainingSessionCreate, dataset: Path | None = None) -> SessionInfo:
         """A session on batches the caller supplies, or (``dataset``, a JSONL file) on batches it samples itself."""
-        session_id = uuid.uuid4().hex
         records = load_records(dataset) if dataset is not None else None
-        core = TrainingSessionCore(spec, session_id, plugin_manager=self.pm, dataset=records)
-        self._sessions[session_id] = _LocalSession(core)
-        return self.info(session_id)
+        return self._create(
+            "training",
+            lambda session_id: TrainingSessionCore(spec, session_id, plugin_manager=self.pm, dataset=records),
+        )
+
+    def create_inference(self, spec: InferenceSessionCreate, adapter: Path | None) -> SessionInfo:
+        return self._create(
+            "inference",
+            lambda session_id: InferenceSessionCore(spec.config, session_id, adapter=adapter, plugin_manager=self.pm),
+        )
 
     def info(self, session_id: str) -> SessionInfo:
-        session = self._session(session_id)
-        core = session.core
+        loaded = self._loaded(session_id)
+        core = loaded.core
         if isinstance(core, InferenceSessionCore):
-            return SessionInfo(session_id=session_id, kind="inference", created=session.created)
+            return SessionInfo(session_id=session_id, kind="inference", created=loaded.created)
         return SessionInfo(
             session_id=session_id,
             kind="training",
             step=core.step,
             privacy=core.privacy_spent(),
-            pending=session.pending,
-            created=session.created,
+            pending=loaded.pending,
+            created=loaded.created,
         )
 
     def submit(self, session_id: str, request: Queued) -> APIFuture[dict[str, Any]]:
-        return APIFuture(uuid.uuid4().hex, self._session(session_id).run(_run_queued, request))
+        loaded = self._loaded(session_id)
+        operation = operation_name(request)
+        future = loaded.submit(
+            lambda: self.sessions.run(session_id, loaded, operation, lambda: execute(loaded.core, request))
+        )
+        return APIFuture(uuid.uuid4().hex, future)
 
     def sample(self, session_id: str, request: SampleRequest) -> SampleResult:
         responses = self._in_order(
-            session_id, lambda core: core.sample(request.prompts, request.sampling_params, request.num_samples)
+            session_id,
+            "sample",
+            lambda core: core.sample(request.prompts, request.sampling_params, request.num_samples),
         )
         return SampleResult(responses=responses)
 
     def save_state(self, session_id: str, name: str | None) -> SavedState:
         def work(core: TrainingSessionCore) -> SavedState:
             state_id = uuid.uuid4().hex
-            self._states[state_id] = core.snapshot()
+            self.store.save_named(state_id, core.snapshot())
             return SavedState(state_id=state_id, step=core.step, epsilon=core.epsilon())
 
-        return self._in_order(session_id, work)
+        return self._in_order(session_id, "save_state", work)
 
     def load_state(self, session_id: str, state_id: str) -> SessionInfo:
-        if state_id not in self._states:
-            raise NotFound(f"no state {state_id}")
-        state, meta = self._states[state_id]
-        self._in_order(session_id, lambda core: core.restore(state, meta))
+        state, meta = self.store.named(state_id)
+        self._in_order(session_id, "load_state", lambda core: core.restore(state, meta), changed=True)
         return self.info(session_id)
 
     def export_tgsp(self, session_id: str, path: Path, recipients: list[str]) -> ExportedPackage:
@@ -158,29 +186,24 @@ class LocalDoor:
             manifest = core.export_tgsp(path)
             return ExportedPackage(artifact_id=str(path), package_id=manifest.get("package_id"), step=core.step)
 
-        return self._in_order(session_id, work)
-
-    def create_inference(self, spec: InferenceSessionCreate, adapter: Path | None) -> SessionInfo:
-        session_id = uuid.uuid4().hex
-        core = InferenceSessionCore(spec.config, session_id, adapter=adapter, plugin_manager=self.pm)
-        self._sessions[session_id] = _LocalSession(core)
-        return self.info(session_id)
+        return self._in_order(session_id, "export_tgsp", work)
 
     def list_sessions(self) -> list[SessionInfo]:
-        return sorted((self.info(session_id) for session_id in self._sessions), key=lambda info: info.created)
+        return [self.info(session_id) for session_id in self.store.session_ids()]
 
     def generate(self, session_id: str, request: SampleRequest) -> SampleResult:
         responses = self._in_order(
-            session_id, lambda core: core.generate(request.prompts, request.sampling_params, request.num_samples)
+            session_id,
+            "generate",
+            lambda core: core.generate(request.prompts, request.sampling_params, request.num_samples),
         )
         return SampleResult(responses=responses)
 
     def close(self) -> None:
-        for session in self._sessions.values():
-            session.worker.shutdown(wait=True)
+        self.sessions.close()
 
 
-class RemoteDoor:
+class HTTPTransport:
     """Sessions on a ``tensafe serve`` server, with retries on 429, 5xx and connection errors.
 
     A request is sent again only when that is safe: a GET, a POST that carries
