@@ -30,6 +30,10 @@ CHAT_TEMPLATE = "chat_template"
 #: ``MLBackend.lora_delta`` runs the base model with each LoRA module's delta supplied by a callback.
 LORA_DELTA = "lora_delta"
 
+#: ``MLBackend.join_workers`` joins the processes a launcher (torchrun) started for one run; ``optim_step`` then
+#: sums every worker's clipped gradients and adds the DP noise once for all of them (see docs/distributed.md).
+DISTRIBUTED = "distributed"
+
 #: ``TGSPLoader.keygen`` writes a new signing pair and recipient pair (the server keeps one set per tenant).
 TGSP_KEYGEN = "tgsp_keygen"
 
@@ -42,6 +46,7 @@ KNOWN: dict[str, str] = {
     GRADIENT_CANARIES: "crafted per-datum gradients (forward_backward_canaries), for white-box privacy audits",
     CHAT_TEMPLATE: "chat records through the model's chat template (encode_chat), trained on assistant turns",
     LORA_DELTA: "base model with LoRA deltas from a callback (read_lora, lora_delta), for HE-LoRA",
+    DISTRIBUTED: "one run on several worker processes (join_workers): gradients summed, DP noise added once",
     TGSP_KEYGEN: "new signing and recipient key files (keygen), for keys a server holds per tenant",
 }
 

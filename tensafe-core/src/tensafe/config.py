@@ -150,6 +150,13 @@ class TrainingConfig(_Section):
         le=INT64_MAX,
         description="Seed for sampling of batches and generation, 0 to 2**63 - 1; None = fresh randomness.",
     )
+    worker_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        le=86400,
+        description="With several workers (tensafe run --nproc-per-node, torchrun): how long a worker waits for the "
+        "others at a collective before the run stops (a worker that died or hangs stops the run).",
+    )
 
 
 class DataConfig(_Section):

@@ -152,6 +152,23 @@ class MLBackend(abc.ABC):
 
         raise BackendError(f"{type(self).__name__} does not declare the 'gradient_canaries' capability")
 
+    def join_workers(self, config: RunConfig) -> WorkerGroup:
+        """Join the worker processes a launcher started for one run (capability ``distributed``).
+
+        Called before :meth:`initialize_model`, in every worker, with the same
+        ``config``. The launcher (torchrun, or ``tensafe run --nproc-per-node``)
+        describes the group in the environment. Afterwards each worker trains on
+        its own records, and ``optim_step`` sums the clipped per-datum gradients
+        of all workers, adds the Gaussian noise once to that sum (not once per
+        worker), divides by the global expected batch size and applies the same
+        update on every worker. ``save_state`` holds the global state, which is
+        the same on every worker; a collective that waits longer than
+        ``training.worker_timeout_s`` fails the step.
+        """
+        from tensafe.errors import BackendError
+
+        raise BackendError(f"{type(self).__name__} does not declare the 'distributed' capability")
+
     def read_lora(self, directory: Path) -> dict[str, tuple[Any, Any, float]]:
         """``{module name: (A, B, scaling)}`` of an exported adapter, without loading it (capability ``lora_delta``).
 
@@ -173,6 +190,33 @@ class MLBackend(abc.ABC):
         from tensafe.errors import BackendError
 
         raise BackendError(f"{type(self).__name__} does not declare the 'lora_delta' capability")
+
+
+@runtime_checkable
+class WorkerGroup(Protocol):
+    """The worker processes of one distributed run, as the engine sees them.
+
+    Rank 0 is the leader: it alone asks the veto hooks and the privacy budget,
+    charges the accountant and writes what leaves the run. Every call is a
+    collective: all workers make it, in the same order.
+    """
+
+    @property
+    def rank(self) -> int:
+        """This worker's rank, 0 to ``world_size - 1``."""
+
+    @property
+    def world_size(self) -> int:
+        """How many workers the run has."""
+
+    def broadcast(self, value: Any) -> Any:
+        """The leader's ``value`` (JSON-serialisable), on every worker."""
+
+    def sum(self, values: Sequence[float]) -> list[float]:
+        """The element-wise sum of every worker's ``values`` (all of one length), on every worker."""
+
+    def close(self) -> None:
+        """Leave the group (no collective may follow)."""
 
 
 class PrivacyAccountant(abc.ABC):

@@ -41,6 +41,8 @@ class TenSafeOrchestrator:
         self.pm = plugin_manager if plugin_manager is not None else create_plugin_manager()
         #: Accept .tgsp packages whose (valid) signer is not trusted; set only on the user's explicit request.
         self.allow_untrusted_signer = False
+        #: False in a worker other than rank 0 of a distributed run: its gate releases nothing.
+        self.leader = True
 
     @property
     def registry(self) -> Registry:
@@ -49,7 +51,7 @@ class TenSafeOrchestrator:
     @property
     def gate(self) -> StepGate:
         """Step admission and the release gate, under this config's privacy policy."""
-        return StepGate(self.pm, ReleaseGate.for_config(self.config))
+        return StepGate(self.pm, ReleaseGate.for_config(self.config), leader=self.leader)
 
     def audit(self, operation: str, subject: str, **details: Any) -> None:
         self.gate.audit(operation, subject, **details)
@@ -65,13 +67,16 @@ class TenSafeOrchestrator:
         self.config, privacy = loop.calibrate(self.config, self.registry, n_train, declared_rate)
         return privacy
 
-    def prepare(self, *, resume_from: Path | None = None) -> TrainingRun:
+    def prepare(self, *, resume_from: Path | None = None, distributed: bool = False) -> TrainingRun:
         """Resolve backends, load and split data, calibrate noise, load the model.
 
         ``resume_from``: the run directory a resume continues (keeps its noise multiplier).
+        ``distributed``: this process is one of the workers a launcher (torchrun) started
+        for the run; it joins the others (see docs/distributed.md).
         """
-        run = loop.prepare(self.config, self.registry, resume_from=resume_from)
+        run = loop.prepare(self.config, self.registry, resume_from=resume_from, distributed=distributed)
         self.config = run.config
+        self.leader = run.leader
         return run
 
     def admit_step(

@@ -78,8 +78,9 @@ class _PerSampleLinear(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
         x, weight = ctx.saved_tensors
         rows = x.shape[0]
-        outputs = grad.reshape(rows, -1, grad.shape[-1])
-        inputs = x.reshape(rows, -1, x.shape[-1]).to(grad.dtype)
+        # Per-sample gradients in float32 even under autocast: their norms decide the clipping.
+        outputs = grad.reshape(rows, -1, grad.shape[-1]).float()
+        inputs = x.reshape(rows, -1, x.shape[-1]).float()
         # (rows, r, d): the rank as row count, whichever side of the weight it is on.
         transposed = outputs.shape[-1] > inputs.shape[-1]
         if transposed:

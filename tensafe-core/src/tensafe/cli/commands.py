@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import click
 
 from tensafe.cli.context import plugin_manager
+from tensafe.cli.launch import Launch, launch_options
 from tensafe.errors import UsageError
 from tensafe.hookspecs import hookimpl
 
@@ -144,6 +146,11 @@ def _describe(metrics: dict[str, float]) -> str:
     return "  ".join(parts)
 
 
+def launched_as_worker() -> bool:
+    """Whether a launcher (torchrun, or ``--nproc-per-node``) started this process as one worker of a run."""
+    return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
 def _train(
     ctx: click.Context,
     config_file: Path | None,
@@ -151,18 +158,43 @@ def _train(
     evaluate: bool,
     as_json: bool,
     resume: Path | None,
+    launch: Launch | None = None,
     **overrides: Any,
 ) -> None:
+    from tensafe.engine.state import recover_checkpoint
     from tensafe.orchestrator import TenSafeOrchestrator, render_report
 
     config = load_with_overrides(config_file, **overrides)
-    pm = plugin_manager(ctx)
-    orchestrator = TenSafeOrchestrator(config, plugin_manager=pm)
+    worker = launched_as_worker()
+    if launch is not None and worker:
+        raise UsageError("this process is already a launched worker (torchrun); leave out --nproc-per-node")
+    if resume is not None and not worker:
+        recover_checkpoint(resume / "checkpoint")
     if resume is not None and not (resume / "checkpoint").is_dir():
         raise UsageError(f"--resume {resume}: no checkpoint there (expected {resume / 'checkpoint'})")
-    prepared = orchestrator.prepare(resume_from=resume)
-    if resume is not None:
-        orchestrator.load_checkpoint(prepared, resume / "checkpoint")
+    if launch is not None:
+        launch.run(config, resume=resume)
+        return
+    pm = plugin_manager(ctx)
+    orchestrator = TenSafeOrchestrator(config, plugin_manager=pm)
+    prepared = orchestrator.prepare(resume_from=resume, distributed=worker)
+    try:
+        if resume is not None:
+            orchestrator.load_checkpoint(prepared, resume / "checkpoint")
+        if not prepared.leader:  # the leader shows progress and writes the report; the others only train
+            orchestrator.run(evaluate=evaluate, prepared=prepared, run_dir=resume, resume=resume is not None)
+            return
+        _lead(pm, orchestrator, prepared, evaluate=evaluate, as_json=as_json, resume=resume)
+    finally:
+        if prepared.workers is not None:
+            prepared.workers.group.close()
+
+
+def _lead(pm: Any, orchestrator: Any, prepared: Any, *, evaluate: bool, as_json: bool, resume: Path | None) -> None:
+    """Run with a progress bar, then print the report (the only process of a run, or its leader)."""
+    from tensafe.orchestrator import render_report
+
+    config = prepared.config
     _announce(prepared)
     reporter = _ProgressReporter()
     reporter.step = prepared.step
@@ -191,6 +223,13 @@ def _announce(run: Any) -> None:
     """Say on stderr what a run is about to do: its privacy plan, and settings that defeat it."""
     cfg, privacy = run.config, run.privacy
     n = len(run.train_data)
+    if run.workers is not None:
+        size = run.workers.group.world_size
+        click.echo(
+            f"{size} worker{'s' if size > 1 else ''}: each Poisson-samples its 1/{size} of the records; "
+            "the noise is added once to their summed gradients",
+            err=True,
+        )
     if privacy is None:
         click.echo(f"training without differential privacy: {cfg.training.steps} steps on {n} records", err=True)
         return
@@ -255,13 +294,33 @@ def _training_command(name: str, *, evaluate: bool, help_text: str) -> click.Com
         resume: Path | None,
         data: Path | None,
         model: str | None,
+        nproc_per_node: int | None,
+        nnodes: int,
+        rdzv_endpoint: str | None,
+        rdzv_id: str,
     ) -> None:
+        launch = None
+        if nproc_per_node is not None:
+            forward = [str(config_file)] if config_file is not None else []
+            given: list[tuple[str, object]] = [
+                ("--steps", steps),
+                ("--output-dir", output_dir),
+                ("--data", data),
+                ("--model", model),
+                ("--resume", resume),
+            ]
+            forward += [str(part) for flag, value in given if value is not None for part in (flag, value)]
+            forward += ["--json"] if as_json else []
+            launch = Launch(name, nproc_per_node, nnodes, rdzv_endpoint, rdzv_id, forward)
+        elif nnodes != 1 or rdzv_endpoint is not None:
+            raise UsageError("--nnodes and --rdzv-endpoint go with --nproc-per-node")
         _train(
             ctx,
             config_file,
             evaluate=evaluate,
             as_json=as_json,
             resume=resume,
+            launch=launch,
             **{
                 "training.steps": steps,
                 "output_dir": output_dir,
@@ -272,7 +331,7 @@ def _training_command(name: str, *, evaluate: bool, help_text: str) -> click.Com
         )
 
     command.__doc__ = help_text
-    return click.command(name)(_training_options(command))
+    return click.command(name)(launch_options(_training_options(command)))
 
 
 run_cmd = _training_command(

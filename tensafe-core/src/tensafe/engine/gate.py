@@ -39,6 +39,8 @@ PUBLIC_STEP_METRICS = frozenset({"epsilon", "epoch"})
 HELD_OUT = "held_out_"
 #: How many held-out prompts ``tensafe run`` shows when the data is declared public.
 PUBLIC_SAMPLES = 3
+#: What a budget refusal carries from the leader to the other workers.
+BUDGET_FIELDS = ("epsilon", "delta", "steps", "target_epsilon", "would_be")
 HELD_OUT_PROMPTS = "held-out records' prompts (data.public: the data is declared public)"
 
 
@@ -101,14 +103,21 @@ class ReleaseGate:
 
 
 class StepGate:
-    """Admits steps before they run and records them after, through the lifecycle hooks."""
+    """Admits steps before they run and records them after, through the lifecycle hooks.
 
-    def __init__(self, pm: TensafePluginManager, release: ReleaseGate) -> None:
+    In a run of several workers only the leader's gate (``leader``) asks the
+    hooks and the budget, charges and releases; the others' gates learn each
+    decision from it and release nothing.
+    """
+
+    def __init__(self, pm: TensafePluginManager, release: ReleaseGate, *, leader: bool = True) -> None:
         self.pm = pm
         self.release = release
+        self.leader = leader
 
     def audit(self, operation: str, subject: str, **details: Any) -> None:
-        self.pm.hook.tensafe_record_audit(event=AuditEvent(operation, subject, details))
+        if self.leader:
+            self.pm.hook.tensafe_record_audit(event=AuditEvent(operation, subject, details))
 
     def admit(
         self,
@@ -164,6 +173,8 @@ class StepGate:
         ``next_step`` is the optimizer step the batch's work will end at. A
         refused step leaves no trace, not even a drawn batch.
         """
+        if run.workers is not None:
+            return self._admit_shard(run, next_step)
         rng_before = rng_state(run.rng)
         indices = run.sampler.sample()
         shown = self.release.batch_size(len(indices), run.config.training.batch_size)
@@ -174,8 +185,40 @@ class StepGate:
             raise
         return indices
 
+    def _admit_shard(self, run: TrainingRun, next_step: int) -> list[int]:
+        """This worker's share of the step's global Poisson sample, once the leader admitted the step.
+
+        The leader's decision reaches every worker before any of them runs the
+        step: all run it, or none does. The sampler is keyed by step, so a
+        refusal leaves nothing to undo.
+        """
+        assert run.workers is not None
+        group = run.workers.group
+        indices = run.workers.sampler.sample(next_step)
+        realised = int(group.sum([float(len(indices))])[0])
+        decision: dict[str, Any] = {"refused": None}
+        if self.leader:
+            shown = self.release.batch_size(realised, run.config.training.batch_size)
+            try:
+                self.admit(run.run_id, next_step, shown, run.privacy, steps_taken=run.step)
+            except StepVetoed as exc:
+                decision = {"refused": "vetoed", "reasons": exc.reasons}
+            except PrivacyBudgetExceeded as exc:
+                decision = {"refused": "budget", **{k: getattr(exc, k) for k in BUDGET_FIELDS}}
+        decision = group.broadcast(decision)
+        if decision["refused"] == "vetoed":
+            raise StepVetoed(next_step, list(decision["reasons"]))
+        if decision["refused"] == "budget":
+            raise PrivacyBudgetExceeded(**{k: decision[k] for k in BUDGET_FIELDS})
+        return indices
+
     def commit_step(self, run: TrainingRun, metrics: dict[str, float]) -> dict[str, float]:
-        """Charge the spend of the batch just applied, record the step, and keep what was released."""
+        """Charge the spend of the batch just applied, record the step, and keep what was released.
+
+        A worker other than the leader charges and releases nothing: the leader does it once for the step.
+        """
+        if not self.leader:
+            return {}
         released = self.record(run.run_id, run.step, metrics, run.privacy)
         run.history.append({"step": float(run.step), **released})
         return released

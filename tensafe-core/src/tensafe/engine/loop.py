@@ -26,7 +26,14 @@ from tensafe.engine.ledger import PRIVACY_UNIT, ProtectedSet, build_ledger
 from tensafe.engine.packaging import check_packaging, package_adapter, packaging_configured
 from tensafe.engine.report import append_metrics, rewrite_metrics, write_report
 from tensafe.engine.run import TrainingRun, load_run_data
-from tensafe.engine.state import CHECKPOINT_DIR, load_checkpoint, save_checkpoint, saved_noise_multiplier
+from tensafe.engine.state import (
+    CHECKPOINT_DIR,
+    load_checkpoint,
+    recover_checkpoint,
+    save_checkpoint,
+    saved_noise_multiplier,
+)
+from tensafe.engine.workers import ShardSampler, Workers
 from tensafe.errors import BackendError, UsageError
 from tensafe.types import datum_from_sequence
 
@@ -34,7 +41,7 @@ if TYPE_CHECKING:
     from tensafe.config import RunConfig
     from tensafe.engine.gate import StepGate
     from tensafe.engine.ledger import PrivacyLedger
-    from tensafe.interfaces import MLBackend
+    from tensafe.interfaces import MLBackend, WorkerGroup
     from tensafe.registry import Registry
     from tensafe.rl.loop import RLVRLoop
     from tensafe.types import Datum
@@ -84,19 +91,34 @@ def rl_loop(config: RunConfig, registry: Registry, backend: MLBackend) -> RLVRLo
     return RLVRLoop(rl, reward)
 
 
-def prepare(config: RunConfig, registry: Registry, *, resume_from: Path | None = None) -> TrainingRun:
+def join_workers(config: RunConfig, backend: MLBackend) -> WorkerGroup:
+    """Join the run's other worker processes through the backend, refusing what cannot run on several."""
+    if not capabilities.has(backend, capabilities.DISTRIBUTED):
+        raise UsageError(f"ML backend {config.backend!r} cannot train on several workers (no 'distributed')")
+    if config.mode == "rlvr":
+        raise UsageError("mode: rlvr trains on one worker; leave out --nproc-per-node (and torchrun)")
+    return backend.join_workers(config)
+
+
+def prepare(
+    config: RunConfig, registry: Registry, *, resume_from: Path | None = None, distributed: bool = False
+) -> TrainingRun:
     """Resolve backends, load and split data, calibrate noise, load the model.
 
     With ``resume_from`` (a run directory), a config that leaves
     ``dp.noise_multiplier`` to calibration takes the one the run trained with,
     so the run can be resumed, and extended to more steps while the budget
-    allows, at the noise it was calibrated with.
+    allows, at the noise it was calibrated with. With ``distributed``, this
+    process is one of the workers a launcher started for the run (see
+    :mod:`tensafe.engine.workers`); every worker calibrates the same noise.
     """
     if resume_from is not None and config.dp.enabled and config.dp.noise_multiplier is None:
+        recover_checkpoint(resume_from / CHECKPOINT_DIR)
         saved = saved_noise_multiplier(resume_from / CHECKPOINT_DIR)
         if saved is not None:
             config = config.model_copy(update={"dp": config.dp.model_copy(update={"noise_multiplier": saved})})
     backend = training_backend(config, registry)
+    group = join_workers(config, backend) if distributed else None
     check_packaging(config, registry)
     rl = rl_loop(config, registry, backend)  # rewards resolve before any data is read or sampled
     data = load_run_data(config, backend)
@@ -118,6 +140,11 @@ def prepare(config: RunConfig, registry: Registry, *, resume_from: Path | None =
     secure = privacy is not None and config.dp.secure_rng
     rng = random.SystemRandom() if secure or config.training.seed is None else random.Random(config.training.seed)
     sampling_rate = privacy.sampling_rate if privacy else min(1.0, config.training.batch_size / len(data.train))
+    workers = None
+    if group is not None:
+        seed = None if secure else config.training.seed
+        shard = ShardSampler(len(data.train), sampling_rate, rank=group.rank, world_size=group.world_size, seed=seed)
+        workers = Workers(group, shard)
     return TrainingRun(
         run_id=uuid.uuid4().hex[:12],
         config=config,
@@ -130,6 +157,7 @@ def prepare(config: RunConfig, registry: Registry, *, resume_from: Path | None =
         rng=rng,
         privacy=privacy,
         rl=rl,
+        workers=workers,
     )
 
 
@@ -170,9 +198,12 @@ def train_step(gate: StepGate, run: TrainingRun) -> dict[str, float]:
         out = run.backend.forward_backward(micro, "cross_entropy")
         loss_sum += out.metrics["loss:sum"]
         tokens += weight_total(micro)
+    size_sum = float(len(batch))
+    if run.workers is not None:  # the step's measures over the global batch
+        loss_sum, tokens, size_sum = run.workers.group.sum([loss_sum, tokens, size_sum])
     result = run.backend.optim_step(cfg.optimizer)
     run.step = result.step
-    metrics: dict[str, float] = {"batch_size": float(len(batch)), "loss": loss_sum / tokens if tokens else math.nan}
+    metrics: dict[str, float] = {"batch_size": size_sum, "loss": loss_sum / tokens if tokens else math.nan}
     metrics.update({k: v for k, v in result.metrics.items() if k not in metrics})
     return gate.commit_step(run, metrics)
 
@@ -237,6 +268,8 @@ def execute(
     every ``training.checkpoint_every`` steps, at the end, and when the run
     fails, so nothing is lost.
     """
+    if not run.leader:
+        return follow(gate, run, run_dir, resume=resume)
     started = time.time()
     cfg = run.config
     checkpoint = run_dir / CHECKPOINT_DIR
@@ -324,3 +357,16 @@ def execute(
     finally:
         write_report(run_dir, report)
         gate.pm.hook.tensafe_finish_run(run_id=run.run_id, report=report)
+
+
+def follow(gate: StepGate, run: TrainingRun, run_dir: Path, *, resume: bool) -> dict[str, Any]:
+    """A worker other than the leader: the same steps on its shard, and nothing written or released.
+
+    The leader evaluates, checkpoints and exports; the workers hold the same
+    state after every step, so a resume at any world size starts from the leader's checkpoint.
+    """
+    if resume and run.step == 0:
+        load_checkpoint(gate, run, run_dir / CHECKPOINT_DIR)
+    while run.step < run.config.training.steps:
+        train_step(gate, run)
+    return {"run_id": run.run_id, "status": "completed", "run_dir": str(run_dir), "steps": run.step}

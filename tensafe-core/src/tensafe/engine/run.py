@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from tensafe.config import RunConfig
     from tensafe.engine.gate import StepGate
     from tensafe.engine.ledger import PrivacyLedger
+    from tensafe.engine.workers import Workers
     from tensafe.interfaces import MLBackend
     from tensafe.types import Datum, ModelInfo
 
@@ -91,9 +92,16 @@ class TrainingRun:
     privacy: PrivacyLedger | None
     #: The RL loop and its state, for ``mode: rlvr``.
     rl: RunStrategy | None = None
+    #: The worker group, when the run is one of several worker processes (``--nproc-per-node``, torchrun).
+    workers: Workers | None = None
     step: int = 0
     #: Released step metrics (what passed the release gate), one entry per step.
     history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def leader(self) -> bool:
+        """Whether this process admits steps and releases (the only one, or rank 0 of several)."""
+        return self.workers is None or self.workers.leader
 
     @property
     def train_records(self) -> list[Record]:

@@ -9,6 +9,7 @@ loop's state.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -66,8 +67,21 @@ def saved_noise_multiplier(directory: Path) -> float | None:
     return float(value) if isinstance(value, int | float) and value > 0 else None
 
 
+def recover_checkpoint(directory: Path) -> None:
+    """Put back the previous checkpoint when a process died between :func:`save_checkpoint`'s two renames.
+
+    The previous one is whole (the new one's staging may not be): a resume
+    starts from it. A worker of a distributed run can be killed at any moment.
+    """
+    previous = directory.with_name(directory.name + ".old")
+    if not directory.exists() and (previous / PROGRESS).is_file():
+        with contextlib.suppress(OSError):  # another worker of the run may have put it back first
+            previous.rename(directory)
+
+
 def load_checkpoint(gate: StepGate, run: TrainingRun, directory: Path) -> None:
     """Resume ``run`` from a checkpoint: backend state, privacy spend, history and sampling RNG."""
+    recover_checkpoint(directory)
     try:
         progress = json.loads((directory / PROGRESS).read_text(encoding="utf-8"))
         state = (directory / BACKEND_STATE).read_bytes()
