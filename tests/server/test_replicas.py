@@ -126,6 +126,6 @@ def test_a_replica_that_lost_its_lease_cannot_commit_over_its_successor(
         live.core.forward_backward(batch(2))
         live.core.optim_step()
         with pytest.raises(LeaseLost), stale.db() as db:
-            stale._commit_state(db, stale._row(db, tenant, session.session_id), live)
+            stale.session_store.commit(db, session.session_id, live, state_changed=True)
     finally:
         stale.close()

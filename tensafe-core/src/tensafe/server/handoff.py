@@ -27,12 +27,13 @@ from tensafe.errors import OperationFailed
 from tensafe.server.crypto import open_text, seal_text
 from tensafe.server.db import FutureRow, SessionLease, WorkItem
 from tensafe.server.operations import SYNCHRONOUS
-from tensafe.server.queued import QUEUED_REQUESTS
+from tensafe.server.queued import QUEUED_REQUESTS, new_future
 from tensafe.server.replicas import POLL_SECONDS
 
 if TYPE_CHECKING:
-    from tensafe.server.queued import Queued, _Live
+    from tensafe.server.queued import Queued
     from tensafe.server.service import SessionService
+    from tensafe.session_manager import LoadedSession
 
 #: How long a synchronous call handed to another replica may take.
 CALL_TIMEOUT_S = 600.0
@@ -59,15 +60,7 @@ class Handoff:
         """Queue ``request`` for the session's holder; returns its future row."""
         service = self.service
         with service.db() as db:
-            future = FutureRow(
-                id=service.new_id(),
-                tenant_id=tenant_id,
-                session_id=session_id,
-                request_key=request_key,
-                operation=operation,
-                status="queued",
-                created=time.time(),
-            )
+            future = new_future(tenant_id, session_id, operation, request_key)
             db.add(future)
             db.flush()
             sealed = seal_text(service.tenant_key(db, tenant_id), request.model_dump_json(), _aad(tenant_id, future.id))
@@ -188,7 +181,9 @@ class Handoff:
             started += len(work)
         return started
 
-    def _run(self, live: _Live, tenant_id: str, session_id: str, future_id: str, operation: str, sealed: str) -> None:
+    def _run(
+        self, live: LoadedSession, tenant_id: str, session_id: str, future_id: str, operation: str, sealed: str
+    ) -> None:
         """Run one handed item on the session's worker, and complete its future row."""
         service = self.service
         try:

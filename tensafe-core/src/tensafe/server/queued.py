@@ -1,8 +1,8 @@
-"""Operations a tenant queues on a training session, and a session as loaded in one replica.
+"""Operations a tenant queues on a training session: their future rows and what their audit records cover.
 
 ``forward_backward``, ``optim_step`` and ``train_step`` are queued and polled as
-futures; :func:`_audited` says what a queued operation's audit record covers
-(under DP no statistic of the caller's batch).
+futures (:mod:`tensafe.session_manager` runs them); :func:`_audited` says what a
+queued operation's audit record covers (under DP no statistic of the caller's batch).
 """
 
 from __future__ import annotations
@@ -10,44 +10,38 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import threading
+import time
 import uuid
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
-from tensafe.api import ErrorInfo, ForwardBackwardRequest, OptimStepRequest, TrainStepRequest
+from tensafe.api import ErrorInfo, ForwardBackwardRequest
 from tensafe.errors import TensafeError
+from tensafe.server.db import FutureRow
+from tensafe.session_manager import QUEUED_REQUESTS, LoadedSession, Queued
 from tensafe.sessions import TrainingSessionCore
+
+__all__ = ["AUDIT_SEQ_MAX", "QUEUED_REQUESTS", "Queued", "new_future"]
 
 
 def _new_id() -> str:
     return uuid.uuid4().hex
 
 
-Queued = ForwardBackwardRequest | OptimStepRequest | TrainStepRequest
-#: The operations a tenant queues and polls as futures, by name.
-QUEUED_REQUESTS: dict[str, type[Queued]] = {
-    "forward_backward": ForwardBackwardRequest,
-    "optim_step": OptimStepRequest,
-    "train_step": TrainStepRequest,
-}
+#: A session loaded in this replica (the name the server's modules know it by).
+_Live = LoadedSession
 
 
-def _operation(request: Queued) -> str:
-    if isinstance(request, ForwardBackwardRequest):
-        return "forward_backward"
-    return "optim_step" if isinstance(request, OptimStepRequest) else "train_step"
-
-
-def _execute(core: TrainingSessionCore, request: Queued) -> dict[str, Any]:
-    """Run a queued operation on its session; the result as the caller gets it."""
-    if isinstance(request, ForwardBackwardRequest):
-        return core.forward_backward(request.data, request.loss_fn, request.loss_fn_config).model_dump()
-    if isinstance(request, OptimStepRequest):
-        return core.optim_step(request.adam_params).model_dump()
-    return core.train_step(request.adam_params).model_dump()
+def new_future(tenant_id: str, session_id: str, operation: str, request_key: str | None = None) -> FutureRow:
+    """The row of a newly accepted operation, queued."""
+    return FutureRow(
+        id=_new_id(),
+        tenant_id=tenant_id,
+        session_id=session_id,
+        request_key=request_key,
+        operation=operation,
+        status="queued",
+        created=time.time(),
+    )
 
 
 def _audited(
@@ -81,30 +75,3 @@ def _error(exc: BaseException) -> ErrorInfo:
 
 #: Largest audit sequence number the database column holds (a 32-bit integer).
 AUDIT_SEQ_MAX = 2**31 - 1
-
-
-@dataclass
-class _Live:
-    """A session loaded in this process, with the worker that runs its operations in order."""
-
-    tenant_id: str
-    kind: str
-    core: Any
-    worker: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(max_workers=1))
-    pending: int = 0
-    #: The lease token the session was loaded under (training sessions; see tensafe.server.replicas).
-    token: int | None = None
-    #: The step of the state last committed from this copy: a commit expects to find it stored.
-    committed_step: int = 0
-    #: Set when this copy was dropped: it must never commit again.
-    evicted: bool = False
-    #: Operations accepted but not yet handed to the worker, in submission order (see ``submit(defer=...)``).
-    unstarted: list[Callable[[], Any]] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def start(self) -> None:
-        """Hand every accepted operation to the worker, oldest first."""
-        with self.lock:
-            ready, self.unstarted = self.unstarted, []
-            for work in ready:
-                self.worker.submit(work)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
-from sqlalchemy import delete, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from tensafe.api import (
@@ -64,23 +63,16 @@ from tensafe.server.handoff import Handoff
 from tensafe.server.inference_sessions import InferenceSessions
 from tensafe.server.models import ModelRegistry
 from tensafe.server.operations import SYNCHRONOUS
-from tensafe.server.queued import (
-    QUEUED_REQUESTS,
-    Queued,
-    _audited,
-    _error,
-    _execute,
-    _Live,
-    _new_id,
-    _operation,
-)
+from tensafe.server.queued import QUEUED_REQUESTS, _audited, _error, _new_id, new_future
 from tensafe.server.receipts import ReceiptSigner
 from tensafe.server.recovery import recover, recover_session
-from tensafe.server.replicas import LEASE_SECONDS, LeaseLost, Leases
+from tensafe.server.replicas import LEASE_SECONDS, Leases
+from tensafe.server.session_store import SQLSessionStore
 from tensafe.server.storage import ArtifactStore
 from tensafe.server.tenant_keys import TenantKeyring, scratch_dir
 from tensafe.server.uploads import parse_dataset
 from tensafe.server.waits import FutureWaits
+from tensafe.session_manager import LoadedSession, Queued, SessionManager, execute, operation_name
 from tensafe.sessions import TrainingSessionCore
 
 T = TypeVar("T")
@@ -115,8 +107,9 @@ class SessionService:
         self.heads = audit.HeadFile(data_dir, self.keyring.head_key)
         self.receipts = ReceiptSigner(self.keyring.receipt_seed)
         self.pm = plugin_manager if plugin_manager is not None else create_plugin_manager()
-        self._live: dict[str, _Live] = {}
-        self._loading = threading.Lock()
+        #: Commits of training sessions, fenced by leases; the manager of the sessions loaded here runs over it.
+        self.session_store = SQLSessionStore(self)
+        self.sessions: SessionManager[Session] = SessionManager(self.session_store)
         #: The futures still running here, and the long polls waiting for them.
         self.waits = FutureWaits()
         self._tenant_keys: dict[str, bytes] = {}
@@ -131,9 +124,7 @@ class SessionService:
 
     def close(self) -> None:
         self.handoff.stop()
-        for live in list(self._live.values()):
-            live.worker.shutdown(wait=True)
-        self._live.clear()
+        self.sessions.close()
         with contextlib.suppress(Exception), self.db() as db:  # a database already gone has nothing to release
             self.leases.release(db)
         self.engine.dispose()
@@ -209,7 +200,12 @@ class SessionService:
             raise NotFound(f"no {kind} {artifact_id}")
         return row, self.store.read(db, tenant_id, artifact_id, self.tenant_key(db, tenant_id))
 
-    def _live_session(self, tenant_id: str, session_id: str, kind: str) -> _Live | None:
+    @property
+    def _live(self) -> dict[str, LoadedSession]:
+        """The sessions loaded in this replica, by id."""
+        return self.sessions.loaded
+
+    def _live_session(self, tenant_id: str, session_id: str, kind: str) -> LoadedSession | None:
         """The tenant's session as loaded in this process, rebuilt from its last committed state if need be;
         None for a training session whose lease another live replica holds (hand it the work instead).
 
@@ -222,17 +218,17 @@ class SessionService:
         live = self._live.get(session_id)
         if kind == "inference":
             if live is None:
-                with self._loading:
+                with self.sessions.loading:
                     live = self._live.get(session_id)
                     if live is None:
                         with self.db() as db:
-                            live = _Live(tenant_id, kind, self._rebuild(db, self._row(db, tenant_id, session_id)))
-                        self._live[session_id] = live
+                            core = self._rebuild(db, self._row(db, tenant_id, session_id))
+                        live = self.sessions.add(session_id, LoadedSession(tenant_id, kind, core))
             return live
         token = self.leases.token(session_id)
         if live is not None and not live.evicted and token is not None and live.token == token:
             return live
-        with self._loading:
+        with self.sessions.loading:
             with self.db() as db:
                 grant = self.leases.acquire(db, session_id)
                 if grant is None:
@@ -243,31 +239,23 @@ class SessionService:
             if live is not None and not live.evicted and live.token == grant.token:
                 return live
             if live is not None:
-                self._evict(session_id, live)
+                self.sessions.evict(session_id, live)
             with self.db() as db:
                 row = self._row(db, tenant_id, session_id, kind)
-                live = _Live(tenant_id, kind, self._rebuild(db, row), token=grant.token, committed_step=row.step)
-            self._live[session_id] = live
-            return live
+                loaded = LoadedSession(
+                    tenant_id, kind, self._rebuild(db, row), token=grant.token, committed_step=row.step
+                )
+            return self.sessions.add(session_id, loaded)
 
-    def holder(self, tenant_id: str, session_id: str) -> _Live | None:
+    def holder(self, tenant_id: str, session_id: str) -> LoadedSession | None:
         """The training session if this replica runs it (taking it over if its lease expired), else None."""
         return self._live_session(tenant_id, session_id, "training")
 
     def drop(self, session_id: str) -> None:
         """Forget a session whose lease this replica lost."""
-        live = self._live.get(session_id)
-        if live is not None:
-            self._evict(session_id, live)
+        self.sessions.evict(session_id)
 
     new_id = staticmethod(_new_id)
-
-    def _evict(self, session_id: str, live: _Live) -> None:
-        """Drop a copy that may no longer commit (its lease was lost, or a commit failed after it changed)."""
-        live.evicted = True
-        if self._live.get(session_id) is live:
-            del self._live[session_id]
-        live.worker.shutdown(wait=False)
 
     def _rebuild(self, db: Session, row: SessionRow) -> Any:
         """A session's core from its stored spec and its last committed state."""
@@ -280,13 +268,9 @@ class SessionService:
             core.restore(state, self._session_meta(row), keep_higher_spend=False)
         return core
 
-    def _on_worker(self, live: _Live, work: Callable[[], T]) -> T:
+    def _on_worker(self, live: LoadedSession, work: Callable[[], T]) -> T:
         """Run ``work`` in the session's order and wait for it."""
-        live.pending += 1
-        try:
-            return live.worker.submit(work).result()
-        finally:
-            live.pending -= 1
+        return self.sessions.call(live, work)
 
     def _session_meta(self, row: SessionRow) -> dict[str, Any]:
         """A training session's step and spend as committed with its state, refused if edited since."""
@@ -306,38 +290,6 @@ class SessionService:
             pending=live.pending if live is not None else 0,
             created=row.created,
         )
-
-    def _check_holder(self, db: Session, session_id: str, live: _Live) -> None:
-        """Inside a commit: this copy of the session is still the one that may write (see :meth:`_commit_state`)."""
-        if live.evicted:
-            raise LeaseLost(session_id)
-        if live.token is not None:
-            self.leases.check(db, session_id, live.token)
-
-    def _commit_state(self, db: Session, row: SessionRow, live: _Live) -> str | None:
-        """Store the session's current state as its recovery point; returns the artifact it replaces.
-
-        Compare-and-set: the commit goes through only while this replica holds
-        the session's lease under the token it loaded it with, and the stored
-        step is the one this copy last committed (else :class:`LeaseLost`).
-        """
-        tenant_id, core = row.tenant_id, live.core
-        self._check_holder(db, row.id, live)
-        if live.token is not None and row.step != live.committed_step:
-            self.leases.forget(row.id)
-            raise LeaseLost(row.id)
-        state, meta = core.snapshot()
-        spent = core.privacy_spent()
-        meta["spent"] = spent.model_dump() if spent is not None else None
-        previous = row.state_artifact
-        row.state_artifact = self.store_artifact(db, tenant_id, "session", state)
-        binding = f"{tenant_id}/{row.state_artifact}"
-        row.step, row.meta, row.epsilon = core.step, sign_meta(self.keyring.meta_key, binding, meta), core.epsilon()
-        if previous is not None:
-            db.execute(delete(ArtifactRow).where(ArtifactRow.id == previous))
-            self.store.delete(db, previous)
-        live.committed_step = core.step
-        return previous
 
     # -- training sessions -----------------------------------------------------------
 
@@ -367,8 +319,8 @@ class SessionService:
             db.flush()
             grant = self.leases.acquire(db, session_id)
             assert grant is not None  # a new session's lease is free
-            live = _Live(tenant_id, "training", core, token=grant.token)
-            self._commit_state(db, row, live)
+            live = LoadedSession(tenant_id, "training", core, token=grant.token)
+            self.session_store.commit(db, session_id, live, state_changed=True)
             audit.append(
                 db,
                 self.keyring.audit_key,
@@ -379,7 +331,7 @@ class SessionService:
                 {"step": 0},
                 core.epsilon(),
             )
-        self._live[session_id] = live
+        self.sessions.add(session_id, live)
         return self._info(row)
 
     def list_sessions(self, tenant_id: str) -> list[SessionInfo]:
@@ -409,7 +361,7 @@ class SessionService:
         submission's start): the HTTP API answers first, so the session's
         computation does not hold up the reply that it was queued.
         """
-        operation = _operation(request)
+        operation = operation_name(request)
         live = self._live_session(tenant_id, session_id, "training")
         with self.db() as db:
             if request_key is not None:
@@ -427,15 +379,7 @@ class SessionService:
                 raise OperationFailed(
                     f"session {session_id} has {live.pending} operations queued", code="too_busy", retryable=True
                 )
-            future = FutureRow(
-                id=_new_id(),
-                tenant_id=tenant_id,
-                session_id=session_id,
-                request_key=request_key,
-                operation=operation,
-                status="queued",
-                created=time.time(),
-            )
+            future = new_future(tenant_id, session_id, operation, request_key)
             db.add(future)
         self.waits.started(future.id)
         live.pending += 1
@@ -451,49 +395,41 @@ class SessionService:
         if live is not None:
             live.start()
 
-    def _run(self, live: _Live, session_id: str, future_id: str, request: Queued) -> None:
+    def _run(self, live: LoadedSession, session_id: str, future_id: str, request: Queued) -> None:
+        """Run a queued operation on the session's worker; commit it with its future row and audit record."""
         core: TrainingSessionCore = live.core
         outcome: FutureInfo | None = None
-        operation = _operation(request)
+        operation = operation_name(request)
+        before = core.step
+
+        def record(db: Session, result: dict[str, Any]) -> None:
+            sealed = self.seal_result(db, future_id, live.tenant_id, result)
+            db.execute(
+                update(FutureRow)
+                .where(FutureRow.id == future_id)
+                .values(status="completed", result=sealed, after_step=before)
+            )
+            audited_request, audited_result = _audited(core, request, result, self.keyring.audit_key)
+            audit.append(
+                db,
+                self.keyring.audit_key,
+                live.tenant_id,
+                operation,
+                session_id,
+                audited_request,
+                audited_result,
+                core.epsilon(),
+            )
+
         try:
-            before = core.step
-            executed = False
             try:
-                result = _execute(core, request)
-                executed = True
-                replaced = None
-                with self.db() as db:
-                    if operation != "forward_backward":
-                        replaced = self._commit_state(db, self._row(db, live.tenant_id, session_id), live)
-                    else:
-                        self._check_holder(db, session_id, live)
-                    db.execute(
-                        update(FutureRow)
-                        .where(FutureRow.id == future_id)
-                        .values(status="completed", result=self.seal_result(db, future_id, live.tenant_id, result))
-                        .values(after_step=before)
-                    )
-                    audited_request, audited_result = _audited(core, request, result, self.keyring.audit_key)
-                    audit.append(
-                        db,
-                        self.keyring.audit_key,
-                        live.tenant_id,
-                        operation,
-                        session_id,
-                        audited_request,
-                        audited_result,
-                        core.epsilon(),
-                    )
+                result = self.sessions.run(session_id, live, operation, lambda: execute(core, request), record)
             except Exception as exc:
-                if executed:  # the copy in memory moved past what is committed: it must be rebuilt
-                    self._evict(session_id, live)
                 outcome = self._failed(future_id, session_id, operation, exc, before)
                 return
             outcome = FutureInfo(
                 future_id=future_id, session_id=session_id, operation=operation, status="completed", result=result
             )
-            if replaced is not None:
-                self.store.discard_file(live.tenant_id, replaced)
         finally:
             live.pending -= 1
             # Waiters get the committed outcome as it is, without reading it back from the database.
