@@ -127,5 +127,9 @@ def test_a_replica_that_lost_its_lease_cannot_commit_over_its_successor(
         live.core.optim_step()
         with pytest.raises(LeaseLost), stale.db() as db:
             stale.session_store.commit(db, session.session_id, live, state_changed=True)
+        # Any operation, synchronous ones included, takes the manager's path: the copy that moved is evicted.
+        with pytest.raises(LeaseLost):
+            stale.sessions.run(session.session_id, live, "load_state", lambda: None, state_changed=True)
+        assert live.evicted and stale.sessions.get(session.session_id) is None
     finally:
         stale.close()
