@@ -33,7 +33,7 @@ import random
 from array import array
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from tensafe import capabilities
 from tensafe.config import DPConfig, RunConfig
@@ -47,94 +47,32 @@ from tensafe.types import (
     LossFnType,
     ModelInfo,
     OptimStepResponse,
-    SampledSequence,
     SampleResponse,
     SamplingParams,
-    StopReason,
 )
-
-#: Number of byte tokens; the end-of-sequence token comes right after them.
-BYTE_TOKENS = 256
-#: The end-of-sequence token id.
-EOS_TOKEN_ID = 256
-#: Vocabulary size: 256 bytes plus EOS.
-VOCAB_SIZE = 257
-#: Number of parameters in one table (adapter or base).
-TABLE_SIZE = VOCAB_SIZE * VOCAB_SIZE
-#: Name reported in :class:`ModelInfo` and written into exported adapters.
-MODEL_NAME = "bigram-bytes"
-#: ``max_tokens`` used when the sampling parameters leave it unset.
-DEFAULT_MAX_TOKENS = 64
-
-STATE_FORMAT = "tensafe-bigram-state"
-STATE_VERSION = 1
-ADAPTER_FORMAT = "tensafe-bigram-adapter"
-ADAPTER_VERSION = 1
-ADAPTER_FILE = "bigram_adapter.json"
-
-#: A datum's gradient: table row -> the 257 partial derivatives of that row's logits.
-SparseGrad = dict[int, list[float]]
-
-
-def _rng_state_to_json(rng: random.Random) -> list[Any]:
-    version, internal, gauss_next = rng.getstate()
-    return [version, list(internal), gauss_next]
-
-
-def _rng_state_from_json(value: Any, what: str) -> tuple[Any, ...]:
-    if not (isinstance(value, list) and len(value) == 3 and isinstance(value[1], list)):
-        raise BackendError(f"bigram state: {what} must be [version, [internal state], gauss_next]")
-    version, internal, gauss_next = value
-    if not isinstance(version, int) or not all(isinstance(x, int) and not isinstance(x, bool) for x in internal):
-        raise BackendError(f"bigram state: {what} has a malformed version or internal state")
-    if gauss_next is not None and not _is_number(gauss_next):
-        raise BackendError(f"bigram state: {what} has a malformed gauss_next")
-    state = (version, tuple(internal), gauss_next)
-    try:
-        random.Random().setstate(state)
-    except (TypeError, ValueError) as exc:
-        raise BackendError(f"bigram state: {what} is not a valid random.Random state: {exc}") from None
-    return state
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _counter(value: Any, what: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise BackendError(f"bigram state: {what} must be a non-negative integer, got {value!r}")
-    return value
-
-
-def _float_table(value: Any, what: str) -> array[float]:
-    if not isinstance(value, list) or len(value) != TABLE_SIZE:
-        raise BackendError(f"bigram state: {what} must be a list of {TABLE_SIZE} numbers")
-    if not all(_is_number(x) for x in value):
-        raise BackendError(f"bigram state: {what} contains something that is not a number")
-    return array("d", value)
-
-
-def _log_softmax_row(row: Sequence[float]) -> tuple[list[float], float]:
-    """Softmax probabilities of ``row`` and its log-sum-exp, computed stably."""
-    top = max(row)
-    exps = [math.exp(x - top) for x in row]
-    total = math.fsum(exps)
-    inv = 1.0 / total
-    return [e * inv for e in exps], top + math.log(total)
-
-
-PPO_CLIP = (0.8, 1.2)
-
-
-def _clip(config: Mapping[str, float] | None) -> tuple[float, float]:
-    """The PPO ratio bounds from a loss_fn_config (Tinker's key names)."""
-    config = config or {}
-    low = float(config.get("clip_low_threshold", PPO_CLIP[0]))
-    high = float(config.get("clip_high_threshold", PPO_CLIP[1]))
-    if not 0 < low <= 1 <= high:
-        raise BackendError(f"ppo clip thresholds must satisfy 0 < low <= 1 <= high, got {low}, {high}")
-    return low, high
+from tensafe_bigram.sampling import generate, stop_sets
+from tensafe_bigram.tables import (
+    ADAPTER_FILE,
+    ADAPTER_FORMAT,
+    ADAPTER_VERSION,
+    BYTE_TOKENS,
+    DEFAULT_MAX_TOKENS,
+    EOS_TOKEN_ID,
+    MODEL_NAME,
+    PPO_CLIP,
+    STATE_FORMAT,
+    STATE_VERSION,
+    TABLE_SIZE,
+    VOCAB_SIZE,
+    SparseGrad,
+    _clip,
+    _counter,
+    _float_table,
+    _is_number,
+    _log_softmax_row,
+    _rng_state_from_json,
+    _rng_state_to_json,
+)
 
 
 class BigramBackend(MLBackend):
@@ -444,90 +382,24 @@ class BigramBackend(MLBackend):
                     )
         rng = random.Random(sampling_params.seed) if sampling_params.seed is not None else self._sample_rng
         max_tokens = sampling_params.max_tokens if sampling_params.max_tokens is not None else DEFAULT_MAX_TOKENS
-        stop = sampling_params.stop
-        stop_strings: list[str] = []
-        stop_tokens: set[int] = set()
-        if isinstance(stop, str):
-            stop_strings = [stop] if stop else []
-        elif stop:
-            for item in stop:
-                if isinstance(item, str):
-                    if item:
-                        stop_strings.append(item)
-                else:
-                    stop_tokens.add(int(item))
+        stop_strings, stop_tokens = stop_sets(sampling_params.stop)
         responses: list[SampleResponse] = []
         for prompt in prompts:
             sequences = [
-                self._generate(int(prompt[-1]), sampling_params, max_tokens, stop_strings, stop_tokens, rng)
+                generate(
+                    self._table,
+                    self.decode,
+                    int(prompt[-1]),
+                    sampling_params,
+                    max_tokens,
+                    stop_strings,
+                    stop_tokens,
+                    rng,
+                )
                 for _ in range(num_samples)
             ]
             responses.append(SampleResponse(sequences=sequences))
         return responses
-
-    def _distribution(self, token: int, params: SamplingParams) -> list[tuple[int, float]]:
-        """``(token, probability)`` pairs of the sampling distribution after ``token``, most likely first."""
-        start = token * VOCAB_SIZE
-        logits = self._table[start : start + VOCAB_SIZE]
-        temperature = params.temperature
-        probs, _ = _log_softmax_row([x / temperature for x in logits])
-        ranked = sorted(enumerate(probs), key=lambda pair: -pair[1])  # stable: ties keep the lower id first
-        if params.top_k != -1:
-            ranked = ranked[: params.top_k]
-        if params.top_p < 1.0:
-            kept: list[tuple[int, float]] = []
-            mass = 0.0
-            for pair in ranked:
-                kept.append(pair)
-                mass += pair[1]
-                if mass >= params.top_p:
-                    break
-            ranked = kept
-        total = math.fsum(p for _, p in ranked)
-        return [(tok, p / total) for tok, p in ranked]
-
-    def _generate(
-        self,
-        last: int,
-        params: SamplingParams,
-        max_tokens: int,
-        stop_strings: list[str],
-        stop_tokens: set[int],
-        rng: random.Random,
-    ) -> SampledSequence:
-        tokens: list[int] = []
-        logprobs: list[float] = []
-        stop_reason: StopReason = "length"
-        for _ in range(max_tokens):
-            if params.temperature == 0.0:
-                start = last * VOCAB_SIZE
-                row = self._table[start : start + VOCAB_SIZE]
-                best = max(range(VOCAB_SIZE), key=row.__getitem__)  # first maximum: the lowest id wins ties
-                _, lse = _log_softmax_row(row)
-                token, logp = best, row[best] - lse
-            else:
-                distribution = self._distribution(last, params)
-                threshold = rng.random()
-                cumulative = 0.0
-                token, prob = distribution[-1]
-                for candidate, p in distribution:
-                    cumulative += p
-                    if threshold < cumulative:
-                        token, prob = candidate, p
-                        break
-                logp = math.log(prob)
-            tokens.append(token)
-            logprobs.append(logp)
-            last = token
-            if token == EOS_TOKEN_ID or token in stop_tokens:
-                stop_reason = "stop"
-                break
-            if stop_strings:
-                text = self.decode(tokens)
-                if any(s in text for s in stop_strings):
-                    stop_reason = "stop"
-                    break
-        return SampledSequence(tokens=tokens, logprobs=logprobs, stop_reason=stop_reason, text=self.decode(tokens))
 
     # ------------------------------------------------------------------
     # State and export
