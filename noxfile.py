@@ -28,10 +28,13 @@ PLUGIN_TESTS = {
 }
 #: Local distributions a plugin depends on (installed from the tree, not from an index).
 LOCAL_DEPENDENCIES = {"tensafe-torch": ["./tensafe-privacy"]}
-#: Local distributions a plugin's tests need beside it (`tensafe he pack` packs through the TGSP loader).
-TEST_DEPENDENCIES = {"tensafe-he-seal": ["./tensafe-tgsp"]}
+#: Local distributions a plugin's tests need beside it: `tensafe he pack` packs through the TGSP loader, and
+#: HE inference over HTTP (tests/he_seal/test_http.py) runs `tensafe serve` on the torch backend's embedded model.
+TEST_DEPENDENCIES = {"tensafe-he-seal": ["./tensafe-tgsp", "./tensafe-privacy", "./tensafe-torch"]}
+#: tensafe-core's extras a plugin's session installs (default: the conformance suite only).
+CORE_EXTRAS = {"tensafe-he-seal": "testing,server"}
 #: Installed first: the CPU build of torch, so that no multi-GB CUDA build is pulled in.
-PREINSTALL = {"tensafe-torch": ["torch==2.13.0"]}
+PREINSTALL = {"tensafe-torch": ["torch==2.13.0"], "tensafe-he-seal": ["torch==2.13.0"]}
 #: Distributions whose dependencies include Pyfhel, which installs from the cached wheel (see _install_pyfhel).
 NEEDS_PYFHEL = {"tensafe-he-seal"}
 PYFHEL = "pyfhel==3.5.0"
@@ -117,7 +120,7 @@ def plugin(session: nox.Session, dist: str) -> None:
     if dist in NEEDS_PYFHEL:
         _install_pyfhel(session)
     session.install(
-        "./tensafe-core[testing]",
+        f"./tensafe-core[{CORE_EXTRAS.get(dist, 'testing')}]",
         *LOCAL_DEPENDENCIES.get(dist, []),
         *TEST_DEPENDENCIES.get(dist, []),
         f"./{dist}",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from tensafe.config import DPConfig, LoraConfig, RunConfig, TrainingConfig
 from tensafe.engine.ledger import PrivacyCertificate
@@ -30,7 +30,7 @@ MAX_PROMPTS = 256
 MAX_SAMPLES = 64
 
 FutureStatus = Literal["queued", "running", "completed", "failed"]
-SessionKind = Literal["training", "inference"]
+SessionKind = Literal["training", "inference", "he-inference"]
 
 
 class _Body(BaseModel):
@@ -180,6 +180,38 @@ class RemoteInferenceSessionCreate(_Request):
     adapter_artifact_id: Text | None = Field(
         None, max_length=64, description="A .tgsp package artifact (exported or uploaded)."
     )
+
+
+class HEAdapterInfo(_Body):
+    """An HE-encrypted adapter its key owner uploaded: public parameters, public key and ciphertexts only."""
+
+    adapter_id: str
+    key_id: str = Field(description="SHA-256 prefix of the public key the adapter is encrypted under.")
+    modules: list[str]
+    size: int
+
+
+class RemoteHEInferenceSessionCreate(_Request):
+    """Serve a registered model with an adapter whose LoRA products run under CKKS: the server evaluates, the
+    client, which alone holds the secret key, answers each token's masked request (``POST .../turn``).
+
+    The adapter is EITHER an encrypted adapter uploaded to ``/he/adapters`` (``adapter_id``) OR an
+    HE-encrypted TGSP package uploaded to ``/packages`` (``package_artifact_id``, made by ``tensafe he pack``).
+    """
+
+    config: SessionConfig = Field(default_factory=SessionConfig)
+    he_backend: str = Field("seal-ckks", pattern=NAME_PATTERN, description="Registered HE backend.")
+    adapter_id: Text | None = Field(None, max_length=64, description="An encrypted adapter (/he/adapters).")
+    package_artifact_id: Text | None = Field(None, max_length=64, description="An HE-encrypted .tgsp package.")
+    hiding_limit: float | None = Field(
+        None, gt=0, le=1, description="Refuse answers past this statistical-distance bound on the masks' hiding."
+    )
+
+    @model_validator(mode="after")
+    def _one_adapter(self) -> RemoteHEInferenceSessionCreate:
+        if (self.adapter_id is None) == (self.package_artifact_id is None):
+            raise ValueError("name exactly one of adapter_id (an uploaded encrypted adapter) or package_artifact_id")
+        return self
 
 
 class ModelInfo(_Body):

@@ -11,7 +11,6 @@ from an environment variable named with ``--passphrase-env`` (default
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -23,37 +22,11 @@ from tensafe.cli.context import plugin_manager
 from tensafe.config import HEConfig, LoraConfig
 from tensafe.errors import UsageError
 from tensafe.he import state as sealed_state
+from tensafe.he.peft import read_peft_lora
 
 PATH_IN = click.Path(exists=True, dir_okay=False, path_type=Path)
 #: The base model recorded when none is named (the ML backend's embedded default model).
 EMBEDDED_BASE_MODEL = "tensafe-embedded-tiny-llama"
-
-
-def read_peft_lora(directory: Path) -> tuple[dict[str, tuple[Any, Any, float]], dict[str, Any]]:
-    """``({module: (A, B, scaling)}, adapter_config)`` from a PEFT LoRA adapter directory, as float64 arrays."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
-    try:
-        config = json.loads((directory / "adapter_config.json").read_text(encoding="utf-8"))
-        tensors = load_file(str(directory / "adapter_model.safetensors"))
-        rank, alpha = int(config["r"]), float(config["lora_alpha"])
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
-        raise UsageError(f"{directory} is not a readable PEFT LoRA adapter: {exc}") from None
-    if any(config.get(k) for k in ("use_rslora", "use_dora", "rank_pattern", "alpha_pattern")):
-        raise UsageError("HE-LoRA supports plain LoRA adapters (no rsLoRA, DoRA or per-module ranks)")
-    modules: dict[str, tuple[Any, Any, float]] = {}
-    for key, a in tensors.items():
-        if not key.endswith(".lora_A.weight"):
-            continue
-        name = key[: -len(".lora_A.weight")].removeprefix("base_model.model.")
-        b = tensors.get(key.replace(".lora_A.", ".lora_B."))
-        if b is None or a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0]:
-            raise UsageError(f"adapter module {name!r} has no matching lora_B or mismatched shapes")
-        modules[name] = (a.astype("float64"), b.astype("float64"), alpha / rank)
-    if not modules:
-        raise UsageError(f"{directory} holds no LoRA weights")
-    return modules, config
 
 
 def _passphrase(env_var: str | None, *, confirm: bool) -> str:

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 
 #: Frame kinds; each frame starts with ``b"TSHE-LORA-" + kind + b"\x00" + version byte``.
 ADAPTER, REQUEST, RESPONSE, OWNER, PAD = b"ADAPTER", b"REQ", b"RSP", b"OWNER", b"PAD"
+#: A request or response on its way over HTTP, bound to its session, generation and turn.
+TURN = b"TURN"
 #: The frame version this TenSafe writes and reads (2: Gaussian masks, batched modules, declared norms).
 FRAME_VERSION = 2
 LENGTH = struct.Struct(">Q")
@@ -69,6 +71,24 @@ def read_frame(kind: bytes, data: bytes, what: str) -> tuple[dict[str, Any], lis
         blobs.append(data[offset : offset + size])
         offset += size
     return header, blobs
+
+
+def peek_header(kind: bytes, data: bytes, what: str) -> dict[str, Any]:
+    """A frame's header alone, checked as :func:`read_frame` checks it, without copying its blobs."""
+    magic = frame_magic(kind)
+    head = bytes(data[: len(magic) + 1 + LENGTH.size])
+    if len(head) < len(magic) + 1 + LENGTH.size or not head.startswith(magic) or head[len(magic)] != FRAME_VERSION:
+        raise BackendError(f"not a version {FRAME_VERSION} {what}")
+    (length,) = LENGTH.unpack_from(head, len(magic) + 1)
+    if length > MAX_HEADER:
+        raise BackendError(f"malformed {what}: header too long")
+    try:
+        header = json.loads(bytes(data[len(head) : len(head) + length]))
+    except ValueError as exc:
+        raise BackendError(f"malformed {what}: {exc}") from None
+    if not isinstance(header, dict):
+        raise BackendError(f"malformed {what}")
+    return header
 
 
 def read_floats(blob: bytes, count: int, what: str) -> NDArray[np.float64]:

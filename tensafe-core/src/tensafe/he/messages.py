@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from tensafe.errors import BackendError
+from tensafe.errors import BackendError, PayloadTooLarge
 from tensafe.he._numpy import numpy_module as _numpy
-from tensafe.he.frames import REQUEST, RESPONSE, pack_frame, read_floats, read_frame
+from tensafe.he.frames import MAX_FRAME, REQUEST, RESPONSE, TURN, pack_frame, read_floats, read_frame
 
 if TYPE_CHECKING:
     import numpy as np
@@ -98,6 +99,52 @@ class LoraResponse:
                 for name, (rows, cols), blob in zip(names, shapes, blobs, strict=True)
             }
         )
+
+
+_ID = re.compile(r"[0-9a-f]{32}")
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One message of an HE generation carried over HTTP, bound to its session, its generation and its turn.
+
+    ``payload`` is a serialised :class:`LoraRequest` (evaluator to key owner) or
+    :class:`LoraResponse` (back). Each side checks the binding before it reads
+    the payload: a key owner answers only its own session's requests, and an
+    evaluator takes an answer only for the turn it is waiting on.
+    """
+
+    session_id: str
+    generation_id: str
+    turn: int
+    payload: bytes
+
+    def to_bytes(self) -> bytes:
+        header = {"session": self.session_id, "generation": self.generation_id, "turn": self.turn}
+        return pack_frame(TURN, header, [self.payload])
+
+    @classmethod
+    def from_bytes(cls, data: bytes, max_size: int = MAX_FRAME) -> Turn:
+        if len(data) > max_size:
+            raise PayloadTooLarge(f"the HE-LoRA turn is {len(data)} bytes; at most {max_size} are accepted here")
+        header, blobs = read_frame(TURN, data, "HE-LoRA turn")
+        session, generation, turn = header.get("session"), header.get("generation"), header.get("turn")
+        if not (isinstance(session, str) and _ID.fullmatch(session)) or not (
+            isinstance(generation, str) and _ID.fullmatch(generation)
+        ):
+            raise BackendError("malformed HE-LoRA turn: session and generation must be 32 hex digits")
+        if type(turn) is not int or turn < 1 or len(blobs) != 1:
+            raise BackendError("malformed HE-LoRA turn: a positive turn number and one payload expected")
+        return cls(session, generation, turn, blobs[0])
+
+    def check(self, session_id: str, generation_id: str, turn: int) -> None:
+        """Refuse a turn bound to another session, generation or place in the exchange."""
+        if self.session_id != session_id:
+            raise BackendError("the HE-LoRA turn is bound to another session")
+        if self.generation_id != generation_id:
+            raise BackendError("the HE-LoRA turn belongs to another generation of this session")
+        if self.turn != turn:
+            raise BackendError(f"the HE-LoRA turn is number {self.turn}; turn {turn} is the one expected")
 
 
 class LoraTransport(Protocol):

@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     import httpx
 
     from tensafe.plugins import TensafePluginManager
+    from tensafe.sdk.he_inference import HEInferenceSession
 
 
 class _Typed(APIFuture[Any]):
@@ -303,6 +304,37 @@ class TenSafeClient:
         spec = InferenceSessionCreate(config=config)
         return InferenceSession(
             self._transport, self._transport.create_inference(spec, None if path is None else Path(path))
+        )
+
+    def create_he_inference_session(
+        self,
+        config: RunConfig | None = None,
+        *,
+        model: str | None = None,
+        adapter: ExportedPackage | str | Path,
+        key_owner_state: str | Path | None = None,
+        passphrase: str | bytes | None = None,
+        hiding_limit: float | None = None,
+        plugin_manager: TensafePluginManager | None = None,
+    ) -> HEInferenceSession:
+        """Serve ``model`` on the server with ``adapter``'s LoRA products under CKKS, this process the key owner:
+        the secret key and the plaintext adapter never leave it (:mod:`tensafe.sdk.he_inference`).
+
+        ``adapter``: a PEFT directory (encrypted here under fresh keys), an HE-encrypted .tgsp package
+        (``tensafe he pack``; opened with ``key_owner_state`` and ``passphrase`` or ``$TENSAFE_HE_PASSPHRASE``),
+        or such a package already uploaded.
+        """
+        from tensafe.sdk.he_inference import create_he_inference_session
+
+        return create_he_inference_session(
+            self._remote("create_he_inference_session"),
+            adapter=adapter,
+            model=model,
+            config=config,
+            key_owner_state=key_owner_state,
+            passphrase=passphrase,
+            hiding_limit=hiding_limit,
+            plugin_manager=plugin_manager,
         )
 
     def close(self) -> None:

@@ -54,6 +54,7 @@ from tensafe.errors import (
     UsageError,
 )
 from tensafe.server.auth import authenticate
+from tensafe.server.he_routes import ADAPTERS_PATH, add_he_routes
 from tensafe.server.idempotency import Creations
 from tensafe.server.logs import RequestContext
 from tensafe.server.metrics import RequestMetrics, ServerMetrics
@@ -154,7 +155,7 @@ IdempotencyKey = Annotated[str | None, Header(max_length=64)]
 #: A label for an upload.
 UploadName = Annotated[str, Query(max_length=200, pattern=r"^[^\x00-\x1f]*$")]
 #: Paths whose bodies are streamed to disk under their own cap instead of read into memory.
-UPLOAD_PATHS = (f"{PREFIX}/packages", f"{PREFIX}/datasets")
+UPLOAD_PATHS = (f"{PREFIX}/packages", f"{PREFIX}/datasets", ADAPTERS_PATH)
 
 
 def create_app(
@@ -389,6 +390,8 @@ def create_app(
     @app.post(f"{PREFIX}/inference/{{session_id}}/generate", tags=["inference"])
     def generate(session_id: str, body: SampleRequest, tenant_id: Tenant) -> SampleResult:
         return service.inference.generate(tenant_id, session_id, body)
+
+    app.state.he_sessions = add_he_routes(app, service, _tenant, guard, creations)  # /api/v1/he
 
     # -- audit ----------------------------------------------------------------
 
