@@ -11,9 +11,10 @@ instead of leaving them waiting.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -21,6 +22,16 @@ import torch
 import torch.distributed as dist
 
 from tensafe.errors import BackendError
+
+
+@contextlib.contextmanager
+def _collective(what: str) -> Iterator[None]:
+    """A collective whose failure (a worker died, or did not answer within the timeout) stops the run in one line."""
+    try:
+        yield
+    except RuntimeError as exc:  # torch.distributed.DistBackendError and its kin
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BackendError(f"lost the run's other workers during {what}: {first}") from None
 
 
 def worker_device(device: torch.device) -> torch.device:
@@ -60,37 +71,42 @@ class TorchWorkerGroup:
     def broadcast(self, value: Any) -> Any:
         payload = json.dumps(value).encode() if self.rank == 0 else b""
         size = torch.tensor([len(payload)], dtype=torch.int64)
-        dist.broadcast(size, src=0, group=self._control)
-        buffer = (
-            torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-            if self.rank == 0
-            else torch.empty(int(size.item()), dtype=torch.uint8)
-        )
-        dist.broadcast(buffer, src=0, group=self._control)
+        with _collective("the step's admission"):
+            dist.broadcast(size, src=0, group=self._control)
+            buffer = (
+                torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+                if self.rank == 0
+                else torch.empty(int(size.item()), dtype=torch.uint8)
+            )
+            dist.broadcast(buffer, src=0, group=self._control)
         return json.loads(buffer.numpy().tobytes())
 
     def sum(self, values: Sequence[float]) -> list[float]:
         summed = torch.tensor(list(values), dtype=torch.float64)
-        dist.all_reduce(summed, group=self._control)
+        with _collective("a sum of the step's measures"):
+            dist.all_reduce(summed, group=self._control)
         return [float(v) for v in summed.tolist()]
 
     def sum_to_leader(self, tensors: Sequence[torch.Tensor]) -> None:
         """Sum ``tensors`` over the workers, in place on rank 0 (the others' are left undefined)."""
         flat = torch.cat([t.reshape(-1) for t in tensors])
-        dist.reduce(flat, dst=0)
+        with _collective("the sum of the clipped gradients"):
+            dist.reduce(flat, dst=0)
         if self.rank == 0:
             _unflatten(flat, tensors)
 
     def sum_everywhere(self, tensors: Sequence[torch.Tensor]) -> None:
         """Sum ``tensors`` over the workers, in place on every worker."""
         flat = torch.cat([t.reshape(-1) for t in tensors])
-        dist.all_reduce(flat)
+        with _collective("the sum of the gradients"):
+            dist.all_reduce(flat)
         _unflatten(flat, tensors)
 
     def from_leader(self, tensors: Sequence[torch.Tensor]) -> None:
         """Overwrite ``tensors`` in place with rank 0's."""
         flat = torch.cat([t.reshape(-1) for t in tensors])
-        dist.broadcast(flat, src=0)
+        with _collective("the broadcast of the noised gradient"):
+            dist.broadcast(flat, src=0)
         if self.rank != 0:
             _unflatten(flat, tensors)
 

@@ -43,7 +43,8 @@ def save_checkpoint(gate: StepGate, run: TrainingRun, directory: Path) -> Path:
         "privacy": run.privacy.to_state() if run.privacy else None,
         # The per-update noise multiplier the run trains with: a resume (even to more steps) keeps it.
         "dp_noise_multiplier": run.config.dp.noise_multiplier if run.privacy else None,
-        "rng": rng_state(run.rng),
+        # Workers sample with a step-keyed sampler (no state): the checkpoint resumes at any world size.
+        "rng": rng_state(run.rng) if run.workers is None else None,
         "rl": run.rl.state() if run.rl else None,
     }
     (staging / PROGRESS).write_text(json.dumps(progress), encoding="utf-8")
