@@ -349,6 +349,7 @@ def test_another_tenants_turn_is_the_same_404_as_an_absent_session(server: Serve
     _same_as_absent(server, session.session_id, "POST", "/turn", content=answer)
     _same_as_absent(server, session.session_id, "POST", "/generate", json={"prompts": [PROMPT]})
     _same_as_absent(server, session.session_id, "GET", "")
+    _same_as_absent(server, session.session_id, "DELETE", "/generation")
     # bob's attempts changed nothing: alice's generation goes on with the answer bob could not deliver
     response = server.post("alice", f"/he/sessions/{session.session_id}/turn", content=answer)
     assert response.status_code == 200
@@ -439,3 +440,31 @@ def test_cli_inference_he_against_the_server(server: Server, adapter: Path) -> N
     no_adapter = ["inference", "--he", "--server", server.url, "--api-key", "k", "-p", PROMPT]
     result = CliRunner().invoke(cli, no_adapter, obj={"pm": pm})
     assert result.exit_code == 2 and "--adapter" in result.output
+
+
+# -- in process: the engine's evaluator with a mask pool -----------------------------------
+
+
+def test_in_process_he_generation_takes_masks_from_the_pool(
+    adapter: Path, plaintext: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tensafe.engine import inference as engine_inference
+    from tensafe.he.pool import MaskPool
+    from tensafe.orchestrator import TenSafeOrchestrator
+
+    pools: list[MaskPool] = []
+
+    class CountedPool(MaskPool):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            pools.append(self)
+
+    monkeypatch.setattr(engine_inference, "MaskPool", CountedPool)
+    orchestrator = TenSafeOrchestrator(RunConfig(backend="torch"), plugin_manager=fresh_plugin_manager(autoload=True))
+    inference = engine_inference.Inference(
+        orchestrator.config, orchestrator.registry, orchestrator.gate, he_mask_workers=1
+    )
+    eight = GREEDY.model_copy(update={"max_tokens": 8})
+    sequence = inference.generate([PROMPT], adapter=adapter, sampling=eight, he=True)[0].sequences[0]
+    assert sequence.tokens == plaintext.tokens[:8]
+    assert len(pools) == 1 and pools[0].taken >= 8 * 2 * LAYERS  # every token's masks came from the pool

@@ -63,11 +63,10 @@ MASK_WORKERS_ENV = "TENSAFE_HE_MASK_WORKERS"
 ANSWER_SLACK = 64 * 1024
 
 
-class GenerationAbandoned(OperationFailed):
-    """The key owner did not answer a turn in time, or the generation was cancelled."""
+class GenerationAbandoned(UsageError):
+    """The key owner did not answer a turn in time, or cancelled the generation (a 400: the client's doing)."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, code="he_generation_abandoned", retryable=False)
+    code = "he_generation_abandoned"
 
 
 class NoGeneration(UsageError):
@@ -128,7 +127,8 @@ class Generation:
         try:
             answer = self._inbox.get(timeout=self.timeout)
         except queue.Empty:
-            self.timed_out = True
+            with self._lock:
+                self.timed_out, self.finished, self._awaiting = True, True, False
             raise GenerationAbandoned(
                 f"the key owner did not answer turn {self.turn} within {self.timeout:g} s; the generation was "
                 "cancelled (start a new one)"
