@@ -350,6 +350,8 @@ def test_another_tenants_turn_is_the_same_404_as_an_absent_session(server: Serve
     _same_as_absent(server, session.session_id, "POST", "/generate", json={"prompts": [PROMPT]})
     _same_as_absent(server, session.session_id, "GET", "")
     _same_as_absent(server, session.session_id, "DELETE", "/generation")
+    unauthenticated = httpx.post(f"{server.url}/api/v1/he/sessions/{session.session_id}/turn", content=answer)
+    assert unauthenticated.status_code == 401
     # bob's attempts changed nothing: alice's generation goes on with the answer bob could not deliver
     response = server.post("alice", f"/he/sessions/{session.session_id}/turn", content=answer)
     assert response.status_code == 200
@@ -405,6 +407,27 @@ def test_an_abandoned_generation_is_cancelled_and_its_session_freed(server: Serv
     # the session is rebuilt on its next use and generates again
     again = session.generate([PROMPT], SamplingParams(max_tokens=3, temperature=0.0, stop=[]))
     assert len(again[0].sequences[0].tokens) == 3
+
+
+def test_a_long_prompts_pass_is_split_into_turns_within_the_answer_limit(
+    server: Server, runs: dict[str, Run], plaintext: Any
+) -> None:
+    """Answers over the limit are split by tokens (here 2 tokens of one 128-wide module per turn): the same
+    tokens come back, in more turns, each answer within the limit."""
+    session = runs["peft"].session
+    sessions = server.app.state.he_sessions
+    limit, sessions.max_answer_bytes = sessions.max_answer_bytes, 2 * 8 * 128
+    before = len(server.bodies)
+    try:
+        eight = GREEDY.model_copy(update={"max_tokens": 8})
+        tokens = session.generate([PROMPT], eight)[0].sequences[0].tokens
+    finally:
+        sessions.max_answer_bytes = limit
+    prompt_tokens = len(torch_backend().encode(PROMPT))
+    assert tokens == plaintext.tokens[:8]
+    assert session.last.turns == 2 * LAYERS * -(-prompt_tokens // 2) + LAYERS * 7
+    answers = [body for body in server.bodies[before:] if body.startswith(b"TSHE-LORA-TURN")]
+    assert len(answers) == session.last.turns and max(len(a) for a in answers) < 2 * 8 * 128 + 1024
 
 
 def test_session_create_refuses_a_package_without_an_he_adapter_and_a_bad_upload(server: Server) -> None:

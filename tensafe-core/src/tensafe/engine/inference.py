@@ -189,11 +189,14 @@ class Inference:
 
 
 @contextlib.contextmanager
-def he_deltas(backend: MLBackend, evaluator: Evaluator) -> Iterator[SharedInputDeltas]:
-    """Run ``backend``'s base model with the evaluator's HE-LoRA deltas, modules sharing an input in one round."""
+def he_deltas(
+    backend: MLBackend, evaluator: Evaluator, *, max_answer_bytes: int | None = None
+) -> Iterator[SharedInputDeltas]:
+    """Run ``backend``'s base model with the evaluator's HE-LoRA deltas, modules sharing an input in one round
+    (split by tokens where an answer would pass ``max_answer_bytes``)."""
     from tensafe.he.rounds import SharedInputDeltas
 
-    deltas = SharedInputDeltas(evaluator)
+    deltas = SharedInputDeltas(evaluator, max_answer_bytes=max_answer_bytes)
     try:
         with backend.lora_delta(evaluator.modules, deltas):
             yield deltas

@@ -61,6 +61,8 @@ TURN_TIMEOUT_ENV = "TENSAFE_HE_TURN_TIMEOUT"
 MASK_WORKERS_ENV = "TENSAFE_HE_MASK_WORKERS"
 #: Bytes an answer's frames add to its values (headers); an answer larger than its values plus this is refused.
 ANSWER_SLACK = 64 * 1024
+#: The largest answer one turn asks for: a longer prompt's pass takes several turns, each within the body limit.
+MAX_ANSWER_BYTES = 16 * 1024 * 1024
 
 
 class GenerationAbandoned(UsageError):
@@ -239,6 +241,8 @@ class HESessions:
         self.service = service
         self.turn_timeout = turn_timeout or float(os.environ.get(TURN_TIMEOUT_ENV, TURN_TIMEOUT_S))
         self.mask_workers = int(os.environ.get(MASK_WORKERS_ENV, "0"))
+        #: The largest answer a turn asks for (a longer prompt's pass is split into several turns).
+        self.max_answer_bytes = MAX_ANSWER_BYTES
         self._live: dict[str, _LiveHE] = {}
         self._loading = threading.Lock()
 
@@ -412,7 +416,7 @@ class HESessions:
         result, error = None, None
         try:
             sampling = request.sampling_params or live.config.sampling
-            with he_deltas(live.backend, live.evaluator):
+            with he_deltas(live.backend, live.evaluator, max_answer_bytes=self.max_answer_bytes):
                 responses = sample_text(live.backend, request.prompts, sampling, request.num_samples)
             result = SampleResult(responses=responses)
         except BaseException as exc:  # handed to the waiting HTTP handler, which raises it there
