@@ -297,6 +297,18 @@ def test_server_never_receives_or_keeps_a_secret_key_or_adapter_values(
             assert pattern not in data, f"{where} holds {label}"
 
 
+def test_the_audit_chain_records_each_he_step_without_plaintext(server: Server, runs: dict[str, Run]) -> None:
+    headers = {"Authorization": f"Bearer {server.keys['alice']}"}
+    records = httpx.get(f"{server.url}/api/v1/audit", headers=headers).json()
+    operations = [r["operation"] for r in records]
+    assert {"he.adapter.upload", "package.upload", "inference.he.create", "inference.he.generate"} <= set(operations)
+    sessions = {run.session.session_id for run in runs.values()}
+    assert sessions <= {r["subject"] for r in records if r["operation"] == "inference.he.create"}
+    # each record holds keyed digests, never the prompt
+    assert all(PROMPT not in json.dumps(r) for r in records)
+    assert httpx.get(f"{server.url}/api/v1/audit/verify", headers=headers).json()["ok"]
+
+
 def test_key_owner_refuses_to_send_its_secret_key(
     server: Server, runs: dict[str, Run], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -463,6 +475,31 @@ def test_cli_inference_he_against_the_server(server: Server, adapter: Path) -> N
     no_adapter = ["inference", "--he", "--server", server.url, "--api-key", "k", "-p", PROMPT]
     result = CliRunner().invoke(cli, no_adapter, obj={"pm": pm})
     assert result.exit_code == 2 and "--adapter" in result.output
+
+
+def test_cli_inference_he_with_a_package_and_its_sealed_state(
+    server: Server, package: tuple[Path, Path], adapter: Path
+) -> None:
+    from tensafe.cli.main import cli
+
+    sampling = RunConfig().sampling.model_copy(update={"max_tokens": 4, "temperature": 0.0})
+    local = torch_backend()
+    local.load_adapter(adapter)
+    expected = local.sample([local.encode(PROMPT)], sampling)[0].sequences[0].text
+    path, state = package
+    pm = fresh_plugin_manager(autoload=True)
+    args = ["inference", "--he", "--server", server.url, "--adapter", str(path), "-p", PROMPT, "--max-tokens", "4"]
+    args += ["--temperature", "0"]
+    env = {"TENSAFE_API_KEY": server.keys["alice"], "TENSAFE_HE_PASSPHRASE": PASSPHRASE}
+    result = CliRunner().invoke(cli, [*args, "--key-owner-state", str(state)], obj={"pm": pm}, env=env)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == PROMPT + expected + "\n"
+    no_state = CliRunner().invoke(cli, args, obj={"pm": pm}, env=env)
+    assert no_state.exit_code == 2 and "key owner's state" in no_state.output
+    assert "Traceback" not in no_state.output
+    env["TENSAFE_HE_PASSPHRASE"] = ""
+    no_passphrase = CliRunner().invoke(cli, [*args, "--key-owner-state", str(state)], obj={"pm": pm}, env=env)
+    assert no_passphrase.exit_code == 2 and "TENSAFE_HE_PASSPHRASE" in no_passphrase.output
 
 
 # -- in process: the engine's evaluator with a mask pool -----------------------------------
