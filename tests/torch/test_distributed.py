@@ -111,6 +111,11 @@ def test_the_budget_refusal_reaches_every_worker_before_the_step(tmp_path: Path)
     )
     assert result.returncode == 3, result.stderr
     assert "privacy budget" in result.stderr and "Traceback" not in result.stderr
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .endswith("stopped with the error above (exit status 3), so the run stopped")
+    )
     report = json.loads((tmp_path / "b" / "report.json").read_text(encoding="utf-8"))
     assert report["status"] == "failed"
     steps = report["steps"]
@@ -220,6 +225,18 @@ def test_a_killed_worker_stops_the_run_and_its_checkpoint_resumes_on_one_worker(
     assert report["status"] == "completed" and report["steps"] == target
     assert [h["step"] for h in report["history"]] == list(range(1, target + 1))
     assert report["privacy"]["epsilon"] > saved["history"][-1]["epsilon"]
+
+
+def test_launch_mistakes_are_one_line_errors(tmp_path: Path) -> None:
+    nodes = tensafe("train", "--nproc-per-node", "2", "--nnodes", "2", cwd=tmp_path)
+    assert nodes.returncode == 2
+    assert nodes.stderr.strip() == (
+        "error: a run on several nodes needs --rdzv-endpoint HOST:PORT, the same on every node"
+    )
+    alone = tensafe("train", "--nnodes", "2", cwd=tmp_path)
+    assert alone.returncode == 2
+    assert alone.stderr.strip() == "error: --nnodes and --rdzv-endpoint go with --nproc-per-node"
+    assert not any(tmp_path.iterdir())
 
 
 # -- the pieces, in-process ------------------------------------------------------------

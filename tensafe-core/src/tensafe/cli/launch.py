@@ -72,18 +72,19 @@ class Launch:
 
     def run(self, config: RunConfig, *, resume: Path | None) -> None:
         """Start the workers on this node and wait for them; a failed worker raises a one-line error."""
+        run_name = config.run_name or time.strftime("run-%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+        command = self.torchrun_args(run_name)
         try:
             from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
             from torch.distributed.launcher.api import elastic_launch
             from torch.distributed.run import config_from_args, get_args_parser
         except ImportError:
             raise UsageError("--nproc-per-node needs torch (install tensafe-torch)") from None
-        run_name = config.run_name or time.strftime("run-%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
         run_dir = resume if resume is not None else config.output_dir / run_name
         # torchrun would set 1 and warn; the cores are shared out between this node's workers instead.
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.nproc_per_node)))
         logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the error below says it once
-        args = get_args_parser().parse_args(self.torchrun_args(run_name))
+        args = get_args_parser().parse_args(command)
         launch_config, entrypoint, entry_args = config_from_args(args)
         try:
             elastic_launch(launch_config, entrypoint)(*entry_args)
@@ -97,6 +98,8 @@ class Launch:
 
 def failure_message(command: str, rank: int, exitcode: int, signal: str, run_dir: Path) -> str:
     """One line: which worker failed and how, and the checkpoint the run can resume from."""
+    if exitcode in (2, 3):  # a TenSafe error the worker printed itself (a user mistake, the budget)
+        return f"training worker rank {rank} stopped with the error above (exit status {exitcode}), so the run stopped"
     how = f"was killed by {signal}" if exitcode < 0 else f"exited with status {exitcode}"
     try:
         step = json.loads((run_dir / "checkpoint" / "progress.json").read_text(encoding="utf-8"))["step"]
