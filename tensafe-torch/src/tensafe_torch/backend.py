@@ -19,6 +19,17 @@ The noise of each step comes from a source keyed for that step alone and is
 never part of a saved state (see :mod:`tensafe_torch.noise`). Gradient canaries
 for white-box privacy audits (``forward_backward_canaries``) go through the
 same ``clip_and_accumulate`` as every datum.
+
+With ``join_workers`` (capability ``distributed``) the backend is one of a
+run's worker processes: the workers' clipped sums are summed, the noise is
+added once, by worker 0, and every worker applies the same update (see
+:mod:`tensafe_torch.distributed`). Half-precision models (``model.dtype``)
+compute under autocast; the LoRA weights, their gradients and the noise stay float32.
+
+This module holds setup (model, adapter, DP machinery) and the adapter's
+files; the rest lives beside it, one concern a module: :mod:`~tensafe_torch.losses`,
+:mod:`~tensafe_torch.training`, :mod:`~tensafe_torch.generation`,
+:mod:`~tensafe_torch.state` and :mod:`~tensafe_torch.lora_delta`.
 """
 
 from __future__ import annotations
