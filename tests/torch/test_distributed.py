@@ -77,6 +77,7 @@ def test_two_workers_apply_the_update_of_one_worker_without_noise(tmp_path: Path
     one = _train(tmp_path, config, "one", "--nproc-per-node", "1")
     two = _train(tmp_path, config, "two", "--nproc-per-node", "2")
 
+    assert (one["workers"], two["workers"]) == (1, 2)
     # One global Poisson sample: the same batches at either world size, their measures summed over the workers.
     assert [h["batch_size"] for h in one["history"]] == [h["batch_size"] for h in two["history"]]
     for a, b in zip(one["history"], two["history"], strict=True):

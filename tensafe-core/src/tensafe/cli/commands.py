@@ -162,7 +162,7 @@ def _train(
     **overrides: Any,
 ) -> None:
     from tensafe.engine.state import recover_checkpoint
-    from tensafe.orchestrator import TenSafeOrchestrator, render_report
+    from tensafe.orchestrator import TenSafeOrchestrator
 
     config = load_with_overrides(config_file, **overrides)
     worker = launched_as_worker()

@@ -321,6 +321,7 @@ def execute(
             model=cfg.model.path or "embedded default",
             device=run.info.device or "not reported by the backend",
             dtype=run.info.dtype or cfg.model.dtype,
+            workers=run.workers.group.world_size if run.workers is not None else 1,
             data=str(run.data.source),
             records={"train": len(run.train_data), "eval": len(run.eval_data)},
             held_out_records=[r.line for r in run.data.held_out],
