@@ -119,6 +119,8 @@ class HEInferenceSession:
         self.last = stats
         return SampleResult.model_validate(reply).responses
 
+    sample = generate
+
     def _answer(self, reply: Any, stats: HEGenerationStats) -> Any:
         """Answer turns until the server sends something else (the result)."""
         generation = None
@@ -136,8 +138,6 @@ class HEInferenceSession:
             stats.turns += 1
             reply = self._http.request("POST", f"/he/sessions/{self.session_id}/turn", raw=frame)
         return reply
-
-    sample = generate
 
 
 def _he_backend(plugin_manager: TensafePluginManager | None, name: str) -> Any:
