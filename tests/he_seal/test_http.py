@@ -451,6 +451,32 @@ def test_session_create_refuses_a_package_without_an_he_adapter_and_a_bad_upload
     assert response.status_code == 404
 
 
+def test_encrypted_adapters_count_against_the_upload_quota(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from tensafe.config import HEConfig
+    from tensafe.he_lora import KeyOwner
+    from tensafe.server.quotas import Quotas
+    from tensafe_he_seal.backend import SealCKKSBackend
+
+    rng = np.random.default_rng(1)
+    owner = KeyOwner.create(SealCKKSBackend(), HEConfig())
+    frame = owner.encrypt_adapter({"m": (rng.normal(0, 0.05, (2, 16)), rng.normal(0, 0.05, (16, 2)), 1.0)})
+    service = SessionService(tmp_path / "data", plugin_manager=fresh_plugin_manager(autoload=True))
+    with service.db() as db:
+        key = create_key(db, service.keyring, "carol")[1]
+    app = create_app(service, quotas=Quotas(max_upload_bytes=len(frame) * 3 // 2))
+    try:
+        with TestClient(app) as http:
+            headers = {"Authorization": f"Bearer {key}"}
+            first = http.post("/api/v1/he/adapters", content=frame, headers=headers)
+            assert first.status_code == 201 and first.json()["key_id"] == owner.key_id
+            second = http.post("/api/v1/he/adapters", content=frame, headers=headers)
+            assert second.status_code == 413, second.text
+    finally:
+        service.close()
+
+
 # -- the CLI, as the key owner ------------------------------------------------------------
 
 

@@ -28,8 +28,9 @@ if TYPE_CHECKING:
 
 #: Futures in these states are still to run.
 UNFINISHED = ("queued", "running")
-#: What the upload quota counts: the tenant's datasets and TGSP packages (uploaded or exported).
-STORED_KINDS = ("dataset", "tgsp")
+#: What the upload quota counts: the tenant's datasets, TGSP packages (uploaded or exported) and encrypted
+#: HE-LoRA adapters (tensafe.server.he_sessions).
+STORED_KINDS = ("dataset", "tgsp", "he-adapter")
 #: How long a tenant at its queued-work quota is told to wait.
 QUEUED_RETRY_AFTER_S = 2
 
