@@ -309,6 +309,20 @@ def test_the_audit_chain_records_each_he_step_without_plaintext(server: Server, 
     assert httpx.get(f"{server.url}/api/v1/audit/verify", headers=headers).json()["ok"]
 
 
+def test_he_sessions_are_listed_and_not_served_as_plaintext_inference(server: Server, runs: dict[str, Run]) -> None:
+    headers = {"Authorization": f"Bearer {server.keys['alice']}"}
+    listed = httpx.get(f"{server.url}/api/v1/sessions", headers=headers).json()
+    session_id = runs["peft"].session.session_id
+    assert {"session_id": session_id, "kind": "he-inference"}.items() <= next(
+        s for s in listed if s["session_id"] == session_id
+    ).items()
+    assert runs["peft"].session.info().kind == "he-inference"
+    # the plaintext inference routes do not reach an HE session (which has no plaintext adapter to serve)
+    assert httpx.get(f"{server.url}/api/v1/inference/{session_id}", headers=headers).status_code == 404
+    generate = server.post("alice", f"/inference/{session_id}/generate", json={"prompts": [PROMPT]})
+    assert generate.status_code == 404
+
+
 def test_key_owner_refuses_to_send_its_secret_key(
     server: Server, runs: dict[str, Run], monkeypatch: pytest.MonkeyPatch
 ) -> None:
