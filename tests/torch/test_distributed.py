@@ -176,6 +176,13 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+def _wait_for(condition: Any, seconds: float = 180) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
 def _worker_pid(launcher: int, rank: int) -> int | None:
     for pid in _descendants(launcher):
         try:
@@ -200,9 +207,7 @@ def test_a_killed_worker_stops_the_run_and_its_checkpoint_resumes_on_one_worker(
         text=True,
     )
     progress = tmp_path / "k" / "checkpoint" / "progress.json"
-    deadline = time.monotonic() + 180
-    while not progress.is_file() and launcher.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
+    _wait_for(lambda: progress.is_file() or launcher.poll() is not None)
     victim = _worker_pid(launcher.pid, rank=1)
     assert victim is not None and launcher.poll() is None
     os.kill(victim, signal.SIGKILL)
@@ -226,6 +231,37 @@ def test_a_killed_worker_stops_the_run_and_its_checkpoint_resumes_on_one_worker(
     assert report["status"] == "completed" and report["steps"] == target
     assert [h["step"] for h in report["history"]] == list(range(1, target + 1))
     assert report["privacy"]["epsilon"] > saved["history"][-1]["epsilon"]
+
+
+def test_a_hung_worker_stops_the_run_after_the_collective_timeout(tmp_path: Path) -> None:
+    training = {"steps": 400, "checkpoint_every": 2, "worker_timeout_s": 3}
+    config = _config(tmp_path, "hang", dp={"target_epsilon": 50.0}, training=training)
+    command = [sys.executable, "-m", "tensafe", "train", str(config), "--output-dir", str(tmp_path)]
+    launcher = subprocess.Popen(
+        [*command, "--run-name", "h", "--nproc-per-node", "2"],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    run_dir = tmp_path / "h"
+    _wait_for(lambda: (run_dir / "checkpoint" / "progress.json").is_file() or launcher.poll() is not None)
+    victim = _worker_pid(launcher.pid, rank=1)
+    assert victim is not None and launcher.poll() is None
+    os.kill(victim, signal.SIGSTOP)  # alive, and silent
+    try:
+        report = run_dir / "report.json"
+        _wait_for(lambda: report.is_file() and '"failed"' in report.read_text(encoding="utf-8"))
+    finally:
+        os.kill(victim, signal.SIGCONT)  # so that the launcher's stop reaches it
+    _, stderr = launcher.communicate(timeout=120)
+
+    assert launcher.returncode == 1
+    failed = json.loads(report.read_text(encoding="utf-8"))
+    assert failed["error"].startswith("lost the run's other workers during") and "3000ms" in failed["error"]
+    assert stderr.strip().splitlines()[-1].startswith("error: training worker rank 0 exited with status 1")
+    assert json.loads((run_dir / "checkpoint" / "progress.json").read_text(encoding="utf-8"))["step"] == failed["steps"]
 
 
 def test_launch_mistakes_are_one_line_errors(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from tensafe.errors import BackendError
+from tensafe.errors import BackendError, TensafeError
 
 
 @contextlib.contextmanager
@@ -30,8 +31,10 @@ def _collective(what: str) -> Iterator[None]:
     try:
         yield
     except RuntimeError as exc:  # torch.distributed.DistBackendError and its kin
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BackendError(f"lost the run's other workers during {what}: {first}") from None
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        reason = re.sub(r"^\[[^\]]*\]\s*", "", lines[0])  # gloo's "[source.cc:78] " prefix
+        # Exit status 1 (the work failed, not the request): the launcher then names the checkpoint to resume.
+        raise TensafeError(f"lost the run's other workers during {what}: {reason}") from None
 
 
 def worker_device(device: torch.device) -> torch.device:
