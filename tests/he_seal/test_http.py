@@ -456,13 +456,41 @@ def test_a_long_prompts_pass_is_split_into_turns_within_the_answer_limit(
     assert len(answers) == session.last.turns and max(len(a) for a in answers) < 2 * 8 * 128 + 1024
 
 
-def test_session_create_refuses_a_package_without_an_he_adapter_and_a_bad_upload(server: Server) -> None:
-    response = server.post("alice", "/he/adapters", content=b"TSHE-LORA-ADAPTER\x00\x02 not a frame")
+def test_bad_uploads_and_session_specs_are_refused(server: Server, tmp_path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    from tensafe_tgsp.loader import TGSPPackageLoader
+
+    response = server.post("bob", "/he/adapters", content=b"TSHE-LORA-ADAPTER\x00\x02 not a frame")
     assert response.status_code == 400 and "not an encrypted HE-LoRA adapter" in response.json()["message"]
-    response = server.post("alice", "/he/sessions", json={"adapter_id": "a" * 32, "package_artifact_id": "b" * 32})
+    response = server.post("bob", "/he/sessions", json={"adapter_id": "a" * 32, "package_artifact_id": "b" * 32})
     assert response.status_code == 422 and "exactly one" in response.json()["message"]
-    response = server.post("alice", "/he/sessions", json={"adapter_id": "a" * 32})
+    response = server.post("bob", "/he/sessions", json={"adapter_id": "a" * 32})
     assert response.status_code == 404
+    # a package whose adapter is plaintext weights (random ones, not the other tests' adapter) is not served
+    # under HE: nothing in it is encrypted for the protocol
+    weights = tmp_path / "plain"
+    weights.mkdir()
+    rng = np.random.default_rng(5)
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    tensors = {f"{prefix}.lora_A.weight": rng.normal(0, 1, (4, 128)).astype(np.float32)}
+    tensors[f"{prefix}.lora_B.weight"] = rng.normal(0, 1, (128, 4)).astype(np.float32)
+    save_file(tensors, str(weights / "adapter_model.safetensors"))
+    (weights / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8, "peft_type": "LORA"}))
+    with TenSafeClient(server.url, server.keys["bob"]) as bob:
+        recipient = tmp_path / "bob.pub"
+        recipient.write_text(bob.tenant_keys().recipient_public_key)
+        package = tmp_path / "plain.tgsp"
+        TGSPPackageLoader().pack(
+            weights,
+            package,
+            signing_key=server.producer["signing_key"],
+            recipients=[recipient],
+            base_model="tensafe-embedded-tiny-llama",
+        )
+        artifact = bob.upload_package(package).artifact_id
+    response = server.post("bob", "/he/sessions", json={"package_artifact_id": artifact})
+    assert response.status_code == 400 and "not HE-encrypted" in response.json()["message"]
 
 
 def test_encrypted_adapters_count_against_the_upload_quota(tmp_path: Path) -> None:
