@@ -220,6 +220,10 @@ def test_a_killed_worker_stops_the_run_and_its_checkpoint_resumes_on_one_worker(
     assert f"resume with `tensafe train --resume {tmp_path / 'k'}`" in last
     saved = json.loads(progress.read_text(encoding="utf-8"))
     assert 0 < saved["step"] < 400
+    # The leader stopped at a collective, whole: its report and its last checkpoint agree on the steps taken.
+    failed = json.loads((tmp_path / "k" / "report.json").read_text(encoding="utf-8"))
+    assert failed["status"] == "failed" and failed["steps"] == saved["step"]
+    assert failed["error"].startswith(("lost the run's other workers", "stopped by the launcher (SIGTERM)"))
 
     # Resumed on one worker (no launcher), for two more steps: the spend continues from the checkpoint's.
     target = saved["step"] + 2
