@@ -134,6 +134,9 @@ def test_tgsp_package_with_an_he_encrypted_adapter(
     served = orchestrator(tgsp=tgsp, he={"key_owner_state": str(state)})
     he = served.generate([PROMPT], adapter=package, he=True)[0].sequences[0]
     assert he.tokens == orchestrator().generate([PROMPT], adapter=adapter)[0].sequences[0].tokens
+    # The key owner's decryption count went back into its sealed state: the rotation limit holds across runs.
+    assert KeyOwner.load(SealCKKSBackend(), state.read_bytes(), "key owner passphrase").decryptions > 0
+    assert state.stat().st_mode & 0o777 == 0o600
     with pytest.raises(UsageError, match="HE-encrypted"):
         orchestrator(tgsp=tgsp).generate([PROMPT], adapter=package)
     with pytest.raises(UsageError, match="key_owner_state"):

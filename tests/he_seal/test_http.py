@@ -596,3 +596,27 @@ def test_in_process_he_generation_takes_masks_from_the_pool(
     sequence = inference.generate([PROMPT], adapter=adapter, sampling=eight, he=True)[0].sequences[0]
     assert sequence.tokens == plaintext.tokens[:8]
     assert len(pools) == 1 and pools[0].taken >= 8 * 2 * LAYERS  # every token's masks came from the pool
+
+
+# -- the key-rotation limit holds across runs -------------------------------------------------
+
+
+def _decryptions(state: Path) -> int:
+    from tensafe.he.key_owner import KeyOwner
+
+    he = fresh_plugin_manager(autoload=True).registry.he_backend("seal-ckks")
+    return KeyOwner.load(he, state.read_bytes(), PASSPHRASE).decryptions
+
+
+def test_the_key_owners_decryption_count_is_kept_in_its_sealed_state(
+    client: TenSafeClient, package: tuple[Path, Path]
+) -> None:
+    path, state = package
+    two = GREEDY.model_copy(update={"max_tokens": 2})
+    before = _decryptions(state)
+    session = client.create_he_inference_session(adapter=path, key_owner_state=state, passphrase=PASSPHRASE)
+    session.generate([PROMPT], two)
+    over_http = _decryptions(state)
+    assert over_http == session.key_owner.decryptions > before
+    assert state.stat().st_mode & 0o777 == 0o600
+    assert not list(state.parent.glob(f".{state.name}.*"))  # no partial file left beside it

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +48,8 @@ class Inference:
     he_passphrase: str | bytes | None = None
     #: Worker processes making the evaluator's masks ahead of time (0: masks made inline, on the token's path).
     he_mask_workers: int = 0
+    #: Set while a key owner loaded from a sealed state is in use: writes its decryption count back to that state.
+    _write_back: Callable[[], None] | None = field(default=None, init=False, repr=False)
 
     def load(self, adapter: Path | None, *, he: bool) -> tuple[MLBackend, Evaluator | None]:
         """The loaded ML backend, and with ``he`` the HE-LoRA evaluator whose deltas replace the adapter's."""
@@ -142,7 +144,11 @@ class Inference:
             passphrase = self.he_passphrase
             if passphrase is None:
                 passphrase = sealed_state.passphrase_from_env()
-            owner = he_lora.KeyOwner.load(make(), he_config.key_owner_state.read_bytes(), passphrase)
+            state_file = he_config.key_owner_state
+            owner = he_lora.KeyOwner.load(make(), state_file.read_bytes(), passphrase)
+            sealing = passphrase
+            if sealing is not None:  # a state that opened had a passphrase; keep its decryption count in it
+                self._write_back = lambda: sealed_state.replace(state_file, owner.save(sealing))
         pool = None
         if self.he_mask_workers > 0:
             # The pool's workers are spawned processes: they get the backend's class, importable by reference.
@@ -160,7 +166,7 @@ class Inference:
         self.gate.audit("inference.generate", self.config.backend, prompts=1, adapter=str(adapter or ""), he=he)
         stack = contextlib.ExitStack()
         if evaluator is not None:
-            _he_context(stack, backend, evaluator)
+            _he_context(stack, backend, evaluator, self._write_back)
         if capabilities.has(backend, capabilities.STREAMING):
             pieces = backend.sample_stream(backend.encode(prompt), self.config.sampling)
         else:
@@ -184,7 +190,7 @@ class Inference:
         )
         with contextlib.ExitStack() as stack:
             if evaluator is not None:
-                _he_context(stack, backend, evaluator)
+                _he_context(stack, backend, evaluator, self._write_back)
             return sample_text(backend, prompts, sampling or self.config.sampling, num_samples)
 
 
@@ -204,8 +210,13 @@ def he_deltas(
         deltas.clear()
 
 
-def _he_context(stack: contextlib.ExitStack, backend: MLBackend, evaluator: Evaluator) -> None:
-    """Enter HE-LoRA generation on ``stack``; the evaluator's mask pool, if any, closes when the stack does."""
+def _he_context(
+    stack: contextlib.ExitStack, backend: MLBackend, evaluator: Evaluator, write_back: Callable[[], None] | None
+) -> None:
+    """Enter HE-LoRA generation on ``stack``; the evaluator's mask pool, if any, closes when the stack does, and
+    ``write_back`` (the key owner's decryption count into its sealed state) runs then."""
+    if write_back is not None:
+        stack.callback(write_back)
     if evaluator.pool is not None:
         stack.callback(evaluator.pool.close)
     stack.enter_context(he_deltas(backend, evaluator))

@@ -168,3 +168,18 @@ def write_new(path: Path, data: bytes) -> None:
         path.unlink(missing_ok=True)
         raise KeyOwnerStateError(f"cannot write {path}: {exc.strerror or exc}") from None
     os.close(fd)
+
+
+def replace(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically (mode 0600): written beside it, fsynced, renamed over it.
+
+    A crash leaves either the old file or the new one, never a torn state.
+    """
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial.unlink(missing_ok=True)
+    write_new(partial, data)
+    try:
+        os.replace(partial, path)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise KeyOwnerStateError(f"cannot replace {path}: {exc.strerror or exc}") from None

@@ -84,10 +84,21 @@ class HEGenerationStats:
 class HEInferenceSession:
     """An HE inference session on a server: it evaluates, this process answers as the key owner."""
 
-    def __init__(self, http: Requester, info: SessionInfo, key_owner: KeyOwner) -> None:
+    def __init__(
+        self,
+        http: Requester,
+        info: SessionInfo,
+        key_owner: KeyOwner,
+        *,
+        state_file: Path | None = None,
+        passphrase: str | bytes | None = None,
+    ) -> None:
         self._http = http
         self.session_id = info.session_id
         self._owner = key_owner
+        #: The sealed state the key owner was loaded from: its decryption count is written back after each generation.
+        self._state_file = state_file
+        self._passphrase = passphrase
         #: The last generation's turns, bytes and CPU time.
         self.last = HEGenerationStats()
 
@@ -113,6 +124,8 @@ class HEInferenceSession:
             with contextlib.suppress(Exception):
                 self._http.request("DELETE", f"/he/sessions/{self.session_id}/generation")
             raise
+        finally:
+            self._write_back(stats)
         if not isinstance(reply, dict):
             raise BackendError("the server answered an HE generation with neither a turn nor a result")
         stats.wall_s, stats.client_cpu_s = time.perf_counter() - wall, time.process_time() - cpu
@@ -120,6 +133,11 @@ class HEInferenceSession:
         return SampleResult.model_validate(reply).responses
 
     sample = generate
+
+    def _write_back(self, stats: HEGenerationStats) -> None:
+        """Keep the decryption count in the sealed state, so that the key-rotation limit holds across runs."""
+        if self._state_file is not None and self._passphrase is not None and stats.turns:
+            sealed_state.replace(self._state_file, self._owner.save(self._passphrase))
 
     def _answer(self, reply: Any, stats: HEGenerationStats) -> Any:
         """Answer turns until the server sends something else (the result)."""
@@ -178,6 +196,7 @@ def create_he_inference_session(
     """
     config = config or RunConfig()
     he = config.he or HEConfig()
+    state_file: Path | None = None
     remote = SessionConfig.from_run_config(config.model_copy(update={"he": None}), model)
     artifact, local = _package_id(adapter)
     if local is not None and local.is_dir():
@@ -202,7 +221,8 @@ def create_he_inference_session(
             )
         if passphrase is None:
             passphrase = sealed_state.passphrase_from_env()
-        owner = KeyOwner.load(_he_backend(plugin_manager, he.backend), _read(Path(state)), passphrase)
+        state_file = Path(state)
+        owner = KeyOwner.load(_he_backend(plugin_manager, he.backend), _read(state_file), passphrase)
         if local is not None:
             params = {"name": local.name}
             artifact = ExportedPackage.model_validate(
@@ -213,7 +233,7 @@ def create_he_inference_session(
         )
     key = {"Idempotency-Key": uuid.uuid4().hex}
     info = SessionInfo.model_validate(http.request("POST", "/he/sessions", body=spec, headers=key))
-    return HEInferenceSession(http, info, owner)
+    return HEInferenceSession(http, info, owner, state_file=state_file, passphrase=passphrase)
 
 
 def _read(path: Path) -> bytes:
