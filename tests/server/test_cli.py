@@ -68,3 +68,17 @@ def test_reading_a_data_directory_that_does_not_exist_is_refused(tmp_path: Path)
         assert "no TenSafe server data" in result.stderr
         assert "Traceback" not in result.stderr
     assert not missing.exists()  # nothing, not even a fresh master key, was created
+
+
+def test_serve_passes_its_he_mask_workers_to_the_he_sessions(tmp_path: Path) -> None:
+    from tensafe.server.app import create_app
+    from tensafe.server.service import SessionService
+    from tensafe.testing import fresh_plugin_manager
+
+    bad = _tensafe("serve", "--he-mask-workers", "-1", "--data-dir", str(tmp_path / "data"))
+    assert bad.returncode == 2 and "--he-mask-workers" in bad.stderr and "Traceback" not in bad.stderr
+    service = SessionService(tmp_path / "data", plugin_manager=fresh_plugin_manager(autoload=True))
+    try:
+        assert create_app(service, he_mask_workers=3).state.he_sessions.mask_workers == 3
+    finally:
+        service.close()

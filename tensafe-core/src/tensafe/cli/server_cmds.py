@@ -116,6 +116,14 @@ def _service(
     show_default=True,
     help="Most bytes a tenant's datasets and TGSP packages may hold (0: unlimited); an upload past it is 413.",
 )
+@click.option(
+    "--he-mask-workers",
+    type=click.IntRange(min=0, max=64),
+    default=None,
+    envvar="TENSAFE_HE_MASK_WORKERS",
+    help="HE inference: worker processes per session that encrypt masks ahead of time, off the token's "
+    "critical path (default 0: masks are made inline). Give them cores of their own.",
+)
 @DATA_DIR_OPTION
 @DATABASE_OPTION
 @MASTER_KEY_FILE_OPTION
@@ -131,6 +139,7 @@ def serve_cmd(
     max_sessions: int,
     max_queued: int,
     max_upload_bytes: int,
+    he_mask_workers: int | None,
     data_dir: Path,
     database: str | None,
     master_key_file: Path | None,
@@ -186,7 +195,7 @@ def serve_cmd(
     click.echo(f"tensafe serve: http://{host}:{port} (data in {data_dir})", err=True)
     try:
         # log_config=None: uvicorn's records go to the handler logs.configure installed, in the chosen format.
-        app = create_app(service, quotas=quotas)
+        app = create_app(service, quotas=quotas, he_mask_workers=he_mask_workers)
         uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, log_config=None)
     finally:
         service.close()

@@ -159,9 +159,14 @@ UPLOAD_PATHS = (f"{PREFIX}/packages", f"{PREFIX}/datasets", ADAPTERS_PATH)
 
 
 def create_app(
-    service: SessionService, *, max_body_bytes: int = MAX_BODY_BYTES, quotas: Quotas | None = None
+    service: SessionService,
+    *,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    quotas: Quotas | None = None,
+    he_mask_workers: int | None = None,
 ) -> FastAPI:
-    """The HTTP API over ``service``, each tenant held to ``quotas`` (the defaults when None)."""
+    """The HTTP API over ``service``, each tenant held to ``quotas`` (the defaults when None);
+    ``he_mask_workers``: mask-making processes per HE inference session (None: $TENSAFE_HE_MASK_WORKERS or 0)."""
     from fastapi_offline import FastAPIOffline
 
     # Swagger UI's assets come from the fastapi-offline wheel, not a CDN: /docs works on an air-gapped host.
@@ -391,7 +396,9 @@ def create_app(
     def generate(session_id: str, body: SampleRequest, tenant_id: Tenant) -> SampleResult:
         return service.inference.generate(tenant_id, session_id, body)
 
-    app.state.he_sessions = add_he_routes(app, service, _tenant, guard, creations)  # /api/v1/he
+    app.state.he_sessions = add_he_routes(
+        app, service, _tenant, guard, creations, mask_workers=he_mask_workers
+    )  # /api/v1/he
 
     # -- audit ----------------------------------------------------------------
 

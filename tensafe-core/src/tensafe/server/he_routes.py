@@ -56,9 +56,11 @@ def add_he_routes(
     tenant: "Callable[..., str]",
     guard: "QuotaGuard",
     creations: "Creations",
+    *,
+    mask_workers: int | None = None,
 ) -> HESessions:
     """Register the HE inference routes on ``app``; the sessions are closed when the app shuts down."""
-    sessions = HESessions(service)
+    sessions = HESessions(service, mask_workers=mask_workers)
     Tenant = Annotated[str, Depends(tenant)]
     previous = app.router.lifespan_context
 

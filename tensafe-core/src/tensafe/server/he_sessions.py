@@ -237,10 +237,13 @@ class _LiveHE:
 class HESessions:
     """Creates, rebuilds and drives a server's HE inference sessions."""
 
-    def __init__(self, service: SessionService, *, turn_timeout: float | None = None) -> None:
+    def __init__(
+        self, service: SessionService, *, turn_timeout: float | None = None, mask_workers: int | None = None
+    ) -> None:
         self.service = service
         self.turn_timeout = turn_timeout or float(os.environ.get(TURN_TIMEOUT_ENV, TURN_TIMEOUT_S))
-        self.mask_workers = int(os.environ.get(MASK_WORKERS_ENV, "0"))
+        #: Worker processes per session making masks ahead of time (``tensafe serve --he-mask-workers``).
+        self.mask_workers = mask_workers if mask_workers is not None else int(os.environ.get(MASK_WORKERS_ENV, "0"))
         #: The largest answer a turn asks for (a longer prompt's pass is split into several turns).
         self.max_answer_bytes = MAX_ANSWER_BYTES
         self._live: dict[str, _LiveHE] = {}
