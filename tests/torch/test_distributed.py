@@ -62,6 +62,8 @@ def _train(tmp_path: Path, config: Path, name: str, *launch: str) -> dict[str, A
     assert result.returncode == 0, result.stderr
     report: dict[str, Any] = json.loads(result.stdout)
     assert report["status"] == "completed"
+    # The leader alone announces the run and draws the progress bar.
+    assert sum(line.startswith(("DP-SGD:", "training without")) for line in result.stderr.splitlines()) == 1
     return report
 
 
