@@ -184,3 +184,10 @@ class OperationFailed(TensafeError):
         data = super().to_dict()
         data["retryable"] = self.retryable
         return data
+
+
+class WorkersLost(TensafeError):
+    """A distributed run lost a worker (it died, hung past the collective timeout, or was stopped by the
+    launcher); the run stops with its last checkpoint intact and resumes at any world size."""
+
+    code = "workers_lost"

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from tensafe.errors import BackendError, TensafeError
+from tensafe.errors import BackendError, WorkersLost
 
 
 def worker_device(device: torch.device) -> torch.device:
@@ -69,13 +69,13 @@ class TorchWorkerGroup:
         """A collective whose failure (a worker died, or did not answer in time) stops the run in one line."""
         # Exit status 1 (the work failed, not the request): the launcher then names the checkpoint to resume.
         if self._stop_signal is not None:
-            raise TensafeError(f"stopped by the launcher ({signal.Signals(self._stop_signal).name}) before {what}")
+            raise WorkersLost(f"stopped by the launcher ({signal.Signals(self._stop_signal).name}) before {what}")
         try:
             yield
         except RuntimeError as exc:  # torch.distributed.DistBackendError and its kin
             lines = str(exc).strip().splitlines() or [type(exc).__name__]
             reason = re.sub(r"^\[[^\]]*\]\s*", "", lines[0])  # gloo's "[source.cc:78] " prefix
-            raise TensafeError(f"lost the run's other workers during {what}: {reason}") from None
+            raise WorkersLost(f"lost the run's other workers during {what}: {reason}") from None
 
     @property
     def rank(self) -> int:

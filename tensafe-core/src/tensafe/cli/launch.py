@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from tensafe.errors import TensafeError, UsageError
+from tensafe.errors import TensafeError, UsageError, WorkersLost
 
 if TYPE_CHECKING:
     from tensafe.config import RunConfig
@@ -90,10 +90,12 @@ class Launch:
             elastic_launch(launch_config, entrypoint)(*entry_args)
         except ChildFailedError as exc:
             rank, failure = exc.get_first_failure()
-            error = TensafeError(failure_message(self.command, rank, failure.exitcode, failure.signal_name(), run_dir))
+            message = failure_message(self.command, rank, failure.exitcode, failure.signal_name(), run_dir)
             if failure.exitcode in (2, 3):  # the worker's own one-line error is above: keep its status
+                error = TensafeError(message)
                 error.exit_code = failure.exitcode
-            raise error from None
+                raise error from None
+            raise WorkersLost(message) from None
 
 
 def failure_message(command: str, rank: int, exitcode: int, signal: str, run_dir: Path) -> str:

@@ -7,6 +7,7 @@ this module only writes and renders them.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,16 @@ def write_report(run_dir: Path, report: dict[str, Any]) -> None:
     """``report.json``, ``report.txt`` and ``report.html`` in ``run_dir``."""
     from tensafe.engine.picture import write_html
 
-    (run_dir / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
-    (run_dir / "report.txt").write_text(render_report(report), encoding="utf-8")
+    _replace(run_dir / "report.json", json.dumps(report, indent=2, default=str) + "\n")
+    _replace(run_dir / "report.txt", render_report(report))
     write_html(run_dir, report)
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all: a process killed mid-write leaves the previous file, never half of one."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)
 
 
 def append_metrics(run_dir: Path, released: dict[str, float]) -> None:
