@@ -588,12 +588,10 @@ def test_in_process_he_generation_takes_masks_from_the_pool(
             pools.append(self)
 
     monkeypatch.setattr(engine_inference, "MaskPool", CountedPool)
-    orchestrator = TenSafeOrchestrator(RunConfig(backend="torch"), plugin_manager=fresh_plugin_manager(autoload=True))
-    inference = engine_inference.Inference(
-        orchestrator.config, orchestrator.registry, orchestrator.gate, he_mask_workers=1
-    )
+    config = RunConfig(backend="torch", he={"mask_workers": 1})
+    orchestrator = TenSafeOrchestrator(config, plugin_manager=fresh_plugin_manager(autoload=True))
     eight = GREEDY.model_copy(update={"max_tokens": 8})
-    sequence = inference.generate([PROMPT], adapter=adapter, sampling=eight, he=True)[0].sequences[0]
+    sequence = orchestrator.generate([PROMPT], adapter=adapter, sampling=eight, he=True)[0].sequences[0]
     assert sequence.tokens == plaintext.tokens[:8]
     assert len(pools) == 1 and pools[0].taken >= 8 * 2 * LAYERS  # every token's masks came from the pool
 

@@ -269,6 +269,14 @@ class HEConfig(_Section):
         "AES-256-GCM; `tensafe he pack` writes it), opened with the passphrase in $TENSAFE_HE_PASSPHRASE, to "
         "open an HE-encrypted .tgsp adapter in process; None = encrypt a plaintext adapter with fresh keys.",
     )
+    mask_workers: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="HE inference in process: worker processes that encrypt the evaluator's masks ahead of time, "
+        "off the token's critical path (0 = made inline); give them cores of their own. "
+        "`tensafe serve --he-mask-workers` sets the same for served sessions.",
+    )
 
 
 class TGSPConfig(_Section):

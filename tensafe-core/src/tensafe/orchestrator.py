@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tensafe.config import RunConfig
+from tensafe.config import HEConfig, RunConfig
 from tensafe.engine import loop, state
 from tensafe.engine.gate import ReleaseGate, StepGate
 from tensafe.engine.inference import Inference, sample_text
@@ -144,7 +144,10 @@ class TenSafeOrchestrator:
         return package_adapter(self.gate, self.registry, config, adapter_dir, output, certificate)
 
     def _inference(self) -> Inference:
-        return Inference(self.config, self.registry, self.gate, self.allow_untrusted_signer)
+        he = self.config.he or HEConfig()
+        return Inference(
+            self.config, self.registry, self.gate, self.allow_untrusted_signer, he_mask_workers=he.mask_workers
+        )
 
     def _inference_backend(self, adapter: Path | None) -> MLBackend:
         return self._inference().load(adapter, he=False)[0]
