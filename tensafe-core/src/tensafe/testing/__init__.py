@@ -17,7 +17,9 @@ dp-accounting (``python -m pip install './tensafe-core[testing]'``).
 The suite checks privacy, not only shapes: an ML backend declaring ``dp_sgd``
 must clip, noise and seed as DP-SGD requires (:class:`DPSGDConformance`, which
 :class:`MLBackendConformance` includes) and, when it declares
-``gradient_canaries``, pass a white-box privacy audit (:class:`DPAuditConformance`);
+``gradient_canaries``, pass a white-box privacy audit (:class:`DPAuditConformance`),
+and, when it declares ``distributed``, add the noise once for all its workers and
+sum their clipped gradients (:class:`DistributedConformance`, two worker processes);
 an accountant must never report less than a reference lower bound
 (:class:`PrivacyAccountantConformance`).
 See docs/plugins.md, "Proving DP-SGD".
@@ -26,6 +28,7 @@ See docs/plugins.md, "Proving DP-SGD".
 from __future__ import annotations
 
 from tensafe.testing.accountant import PrivacyAccountantConformance
+from tensafe.testing.distributed import DistributedConformance
 from tensafe.testing.dp_audit import DPAuditConformance
 from tensafe.testing.dp_sgd import DPSGDConformance
 from tensafe.testing.he_backend import HEBackendConformance
@@ -36,6 +39,7 @@ from tensafe.testing.tgsp_loader import TGSPLoaderConformance
 __all__ = [
     "DPAuditConformance",
     "DPSGDConformance",
+    "DistributedConformance",
     "HEBackendConformance",
     "MLBackendConformance",
     "PrivacyAccountantConformance",

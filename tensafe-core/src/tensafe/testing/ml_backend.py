@@ -11,6 +11,7 @@ import pytest
 from tensafe import capabilities
 from tensafe.errors import TensafeError
 from tensafe.interfaces import MLBackend
+from tensafe.testing.distributed import DistributedConformance
 from tensafe.testing.dp_audit import DPAuditConformance
 from tensafe.testing.ml_backend_harness import TEXT
 from tensafe.testing.support import requires_capability
@@ -34,12 +35,14 @@ def ppo_objective(ratio: float, advantage: float, low: float, high: float) -> fl
     return min(ratio * advantage, min(max(ratio, low), high) * advantage)
 
 
-class MLBackendConformance(DPAuditConformance):
+class MLBackendConformance(DPAuditConformance, DistributedConformance):
     """Subclass with ``backend_name = "..."`` to test a registered ML backend.
 
     The DP-SGD checks of :class:`~tensafe.testing.DPSGDConformance` and the
     white-box audit of :class:`~tensafe.testing.DPAuditConformance` are
-    included; they run for backends that declare ``dp_sgd``.
+    included; they run for backends that declare ``dp_sgd``. So are the
+    multi-worker checks of :class:`~tensafe.testing.DistributedConformance`,
+    for backends that declare ``distributed`` (with ``dp_sgd`` and ``dp_probe``).
     """
 
     # -- the contract -------------------------------------------------------------
