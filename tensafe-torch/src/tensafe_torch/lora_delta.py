@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,35 +17,9 @@ class LoraDeltaMixin:
 
     def read_lora(self, directory: Path) -> dict[str, tuple[Any, Any, float]]:
         """``{module: (A, B, scaling)}`` from a PEFT adapter directory, as float64 numpy arrays; loads nothing."""
-        from safetensors import SafetensorError
-        from safetensors.numpy import load_file
+        from tensafe.he.peft import read_peft_lora
 
-        directory = Path(directory)
-        try:
-            config = json.loads((directory / "adapter_config.json").read_text(encoding="utf-8"))
-            tensors = load_file(str(directory / "adapter_model.safetensors"))
-            rank, alpha = int(config["r"]), float(config["lora_alpha"])
-        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
-            raise UsageError(f"{directory} is not a readable PEFT LoRA adapter: {exc}") from None
-        if (
-            config.get("use_rslora")
-            or config.get("use_dora")
-            or config.get("rank_pattern")
-            or config.get("alpha_pattern")
-        ):
-            raise BackendError("HE-LoRA supports plain LoRA adapters (no rsLoRA, DoRA or per-module ranks)")
-        modules: dict[str, tuple[Any, Any, float]] = {}
-        for key, a in tensors.items():
-            if not key.endswith(".lora_A.weight"):
-                continue
-            name = key[: -len(".lora_A.weight")].removeprefix("base_model.model.")
-            b = tensors.get(key.replace(".lora_A.", ".lora_B."))
-            if b is None or a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0]:
-                raise BackendError(f"adapter module {name!r} has no matching lora_B or mismatched shapes")
-            modules[name] = (a.astype("float64"), b.astype("float64"), alpha / rank)
-        if not modules:
-            raise BackendError(f"{directory} holds no LoRA weights")
-        return modules
+        return read_peft_lora(Path(directory))[0]
 
     @contextlib.contextmanager
     def lora_delta(self, modules: Collection[str], delta: Callable[[str, Any], Any]) -> Iterator[None]:
