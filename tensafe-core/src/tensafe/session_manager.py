@@ -163,7 +163,8 @@ class SessionManager(Generic[Tx]):
         state_changed: bool | None = None,
     ) -> T:
         """The one path every operation takes (on the session's worker): run ``work``, then in one
-        transaction commit the session (compare-and-set) and ``record`` its outcome.
+        transaction commit the session (compare-and-set) and ``record`` its outcome. A read that
+        changes nothing and records nothing (``sample``) opens no transaction.
 
         If ``work`` ran but the commit failed, the copy is evicted: the next
         operation rebuilds the session from its last committed state.
@@ -172,6 +173,8 @@ class SessionManager(Generic[Tx]):
             raise SessionMoved(session_id, "was reloaded elsewhere")
         result = work()
         changed = changes_state(operation) if state_changed is None else state_changed
+        if not changed and record is None:
+            return result  # a read (sample): nothing to commit or record, so no transaction
         try:
             with self.store.transaction() as tx:
                 self.store.commit(tx, session_id, loaded, state_changed=changed)
