@@ -161,11 +161,29 @@ def database_url(url: str | None, data_dir: Path) -> str:
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # WAL for concurrent readers; FULL sync so a committed step survives a power cut, not just kill -9.
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
+    _wal(cursor)
     cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
+
+
+def _wal(cursor: Any, wait_s: float = 30.0) -> None:
+    """Put the database file in WAL mode (it stays so). Switching needs the file to itself and SQLite
+    answers "locked" at once rather than waiting, so processes opening a new database together
+    (replicas starting at the same time) try again until ``wait_s`` has passed."""
+    import sqlite3
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            if cursor.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 def open_database(url: str, *, migrate: bool = True) -> tuple[Engine, sessionmaker[Any]]:
