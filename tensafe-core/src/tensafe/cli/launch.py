@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from tensafe.errors import TensafeError, UsageError, WorkersLost
+from tensafe.errors import MissingDependencyError, TensafeError, UsageError, WorkersLost
 
 if TYPE_CHECKING:
     from tensafe.config import RunConfig
@@ -79,7 +79,7 @@ class Launch:
             from torch.distributed.launcher.api import elastic_launch
             from torch.distributed.run import config_from_args, get_args_parser
         except ImportError:
-            raise UsageError("--nproc-per-node needs torch (install tensafe-torch)") from None
+            raise MissingDependencyError("--nproc-per-node needs torch: pip install ./tensafe-torch") from None
         run_dir = resume if resume is not None else config.output_dir / run_name
         # torchrun would set 1 and warn; the cores are shared out between this node's workers instead.
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.nproc_per_node)))

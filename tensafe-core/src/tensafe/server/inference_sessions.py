@@ -15,8 +15,8 @@ from tensafe.api import RemoteInferenceSessionCreate, SampleRequest, SampleResul
 from tensafe.errors import NotFound, TensafeError, UsageError
 from tensafe.server import audit
 from tensafe.server.db import SessionRow
-from tensafe.server.queued import _Live
 from tensafe.server.queued import _new_id as new_id
+from tensafe.session_manager import LoadedSession
 from tensafe.sessions import InferenceSessionCore
 
 if TYPE_CHECKING:
@@ -64,14 +64,14 @@ class InferenceSessions:
                 spec.model_dump(mode="json"),
                 {},
             )
-        self.service._live[session_id] = _Live(tenant_id, "inference", core)
+        self.service.sessions.add(session_id, LoadedSession(tenant_id, "inference", core))
         return self.service._info(row)
 
     def generate(self, tenant_id: str, session_id: str, request: SampleRequest) -> SampleResult:
         live = self.service._live_session(tenant_id, session_id, "inference")
         assert live is not None  # every replica serves inference sessions itself
         core: InferenceSessionCore = live.core
-        responses = self.service._on_worker(
+        responses = self.service.sessions.call(
             live, lambda: core.generate(request.prompts, request.sampling_params, request.num_samples)
         )
         return SampleResult(responses=responses)

@@ -17,7 +17,7 @@ from typing import Any
 from tensafe.api import ErrorInfo, ForwardBackwardRequest
 from tensafe.errors import TensafeError
 from tensafe.server.db import FutureRow
-from tensafe.session_manager import QUEUED_REQUESTS, LoadedSession, Queued
+from tensafe.session_manager import QUEUED_REQUESTS, Queued
 from tensafe.sessions import TrainingSessionCore
 
 __all__ = ["AUDIT_SEQ_MAX", "QUEUED_REQUESTS", "Queued", "new_future"]
@@ -25,10 +25,6 @@ __all__ = ["AUDIT_SEQ_MAX", "QUEUED_REQUESTS", "Queued", "new_future"]
 
 def _new_id() -> str:
     return uuid.uuid4().hex
-
-
-#: A session loaded in this replica (the name the server's modules know it by).
-_Live = LoadedSession
 
 
 def new_future(tenant_id: str, session_id: str, operation: str, request_key: str | None = None) -> FutureRow:

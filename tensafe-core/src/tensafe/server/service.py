@@ -19,10 +19,10 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from pydantic import BaseModel
 from sqlalchemy import select, update
@@ -75,7 +75,6 @@ from tensafe.server.waits import FutureWaits
 from tensafe.session_manager import LoadedSession, Queued, SessionManager, execute, operation_name
 from tensafe.sessions import TrainingSessionCore
 
-T = TypeVar("T")
 #: How long one status request may wait for a future to finish.
 MAX_WAIT_S = 30.0
 #: Queued operations one session may hold before new ones are refused (429).
@@ -200,11 +199,6 @@ class SessionService:
             raise NotFound(f"no {kind} {artifact_id}")
         return row, self.store.read(db, tenant_id, artifact_id, self.tenant_key(db, tenant_id))
 
-    @property
-    def _live(self) -> dict[str, LoadedSession]:
-        """The sessions loaded in this replica, by id."""
-        return self.sessions.loaded
-
     def _live_session(self, tenant_id: str, session_id: str, kind: str) -> LoadedSession | None:
         """The tenant's session as loaded in this process, rebuilt from its last committed state if need be;
         None for a training session whose lease another live replica holds (hand it the work instead).
@@ -215,11 +209,11 @@ class SessionService:
         """
         with self.db() as db:
             self._row(db, tenant_id, session_id, kind)
-        live = self._live.get(session_id)
+        live = self.sessions.loaded.get(session_id)
         if kind == "inference":
             if live is None:
                 with self.sessions.loading:
-                    live = self._live.get(session_id)
+                    live = self.sessions.loaded.get(session_id)
                     if live is None:
                         with self.db() as db:
                             core = self._rebuild(db, self._row(db, tenant_id, session_id))
@@ -235,7 +229,7 @@ class SessionService:
                     return None
                 if grant.taken_over:
                     recover_session(self, db, session_id)
-            live = self._live.get(session_id)
+            live = self.sessions.loaded.get(session_id)
             if live is not None and not live.evicted and live.token == grant.token:
                 return live
             if live is not None:
@@ -268,10 +262,6 @@ class SessionService:
             core.restore(state, self._session_meta(row), keep_higher_spend=False)
         return core
 
-    def _on_worker(self, live: LoadedSession, work: Callable[[], T]) -> T:
-        """Run ``work`` in the session's order and wait for it."""
-        return self.sessions.call(live, work)
-
     def _session_meta(self, row: SessionRow) -> dict[str, Any]:
         """A training session's step and spend as committed with its state, refused if edited since."""
         if row.state_artifact is None:
@@ -281,7 +271,7 @@ class SessionService:
     def _info(self, row: SessionRow) -> SessionInfo:
         meta = self._session_meta(row)
         spent = meta.get("spent")
-        live = self._live.get(row.id)
+        live = self.sessions.loaded.get(row.id)
         return SessionInfo(
             session_id=row.id,
             kind=row.kind,
@@ -391,7 +381,7 @@ class SessionService:
 
     def start_session(self, session_id: str) -> None:
         """Start the operations :meth:`submit` accepted with ``defer``."""
-        live = self._live.get(session_id)
+        live = self.sessions.loaded.get(session_id)
         if live is not None:
             live.start()
 
@@ -514,7 +504,7 @@ class SessionService:
         if live is None:
             return self.handoff.call(tenant_id, session_id, operation, request)
         handler = SYNCHRONOUS[operation][2]
-        return self._on_worker(live, lambda: handler(self, live, session_id, request))
+        return self.sessions.call(live, lambda: handler(self, live, session_id, request))
 
     def upload_dataset(self, tenant_id: str, data: bytes, name: str = "") -> DatasetInfo:
         """Store a JSONL dataset, sealed under the tenant key, for sessions the server samples."""
